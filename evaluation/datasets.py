@@ -1,0 +1,352 @@
+"""Benchmark files, job lists, sharding and ground-truth assembly (SPEC §10).
+
+Everything here reads the on-disk layout of SPEC §10.1 under ``--data_root`` (see ``datasets/README.md``). The
+inference stages use :func:`list_jobs` / :func:`shard_jobs`; the evaluators use :func:`load_meta`,
+:func:`load_mask_dict`, :func:`expression_anno_ids` and :func:`gt_masks`. Bad or missing files raise a one-line
+:class:`~model.errors.DecafError` that names the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from model.errors import DecafError
+from model.video import frame_name, list_frames
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("davis", "revos", "reasonvos", "mevis", "ytvos")
+DATA_ROOT_ENV = "DECAF_DATA_ROOT"
+DEFAULT_DATA_ROOT = "datasets/RVOSJoint"
+#: Ref-YouTube-VOS valid videos left once the test videos are dropped (SPEC §10.6, ReferFormer asserts it)
+YTVOS_VALID_VIDEOS = 202
+YTVOS_TEST_META = "ref-youtube-vos/meta_expressions/test/meta_expressions.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (video, expression) of a benchmark, in job-list order (SPEC §10.9)."""
+
+    dataset: str
+    video_key: str
+    vid_name: str  # meta[key]["vid_id"] as str if present, else the key; names cache files (SPEC §12.2)
+    exp_id: str
+    expression: str
+    frames_dir: Path
+
+    @property
+    def job_id(self) -> str:
+        """``<video key>/<exp_id>``, for logs and manifests."""
+        return f"{self.video_key}/{self.exp_id}"
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """The files of one benchmark split (SPEC §10.1); ``mask``/``foreground`` are None where no GT exists."""
+
+    meta: Path
+    frames_root: Path
+    mask: Path | None
+    foreground: Path | None
+
+
+def default_data_root() -> Path:
+    """``$DECAF_DATA_ROOT`` if set, else ``datasets/RVOSJoint`` relative to the working directory (SPEC §10.1)."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
+def dataset_files(dataset: str, data_root: str | Path | None = None, testset: bool = False) -> DatasetFiles:
+    """Meta, frame and GT paths of ``dataset`` under ``data_root`` (SPEC §10.1 table)."""
+    if dataset not in DATASETS:
+        raise DecafError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if testset and dataset != "mevis":
+        raise DecafError(f"--testset selects MeViS 'valid' and does not apply to --dataset {dataset}")
+    root = Path(data_root) if data_root is not None else default_data_root()
+    if dataset == "davis":
+        return DatasetFiles(root / "davis17/meta_expressions/valid/meta_expressions.json",
+                            root / "davis17/valid/JPEGImages", root / "davis17/valid/mask_dict.pkl", None)
+    if dataset == "revos":
+        return DatasetFiles(root / "ReVOS/meta_expressions_valid_.json", root / "ReVOS/JPEGImages",
+                            root / "ReVOS/mask_dict.json", root / "ReVOS/mask_dict_foreground.json")
+    if dataset == "reasonvos":
+        return DatasetFiles(root / "ReasonVOS/meta_expressions_v2.json", root / "ReasonVOS/JPEGImages",
+                            root / "ReasonVOS/mask_dict_v2.pkl", None)
+    if dataset == "mevis":
+        split = root / "mevis" / ("valid" if testset else "valid_u")
+        # MeViS 'valid' is scored on the server only, so it ships no mask dict (SPEC §10.5)
+        return DatasetFiles(split / "meta_expressions.json", split / "JPEGImages",
+                            None if testset else split / "mask_dict.json", None)
+    return DatasetFiles(root / "ref-youtube-vos/meta_expressions/valid/meta_expressions.json",
+                        root / "ref-youtube-vos/valid/JPEGImages", None, None)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DecafError(f"{what} not found: {path} (see datasets/README.md for the expected layout)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DecafError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DecafError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def load_meta(path: str | Path) -> dict:
+    """``json["videos"]`` of a meta-expressions file (SPEC §10.1)."""
+    path = Path(path)
+    data = _read_json(path, "meta file")
+    if not isinstance(data, dict) or "videos" not in data:
+        raise DecafError(f"meta file {path} has no 'videos' key; expected {{\"videos\": {{video: {{...}}}}}}")
+    videos = data["videos"]
+    if not isinstance(videos, dict):
+        raise DecafError(f"meta file {path}: 'videos' must map video keys to entries, got {type(videos).__name__}")
+    return videos
+
+
+def load_mask_dict(path: str | Path) -> dict:
+    """A GT mask dict (``{anno_id: [RLE or None per frame]}``) or the ReVOS foreground dict; JSON or pickle
+    chosen by the suffix (SPEC §10.2–§10.4)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = _read_json(path, "mask file")
+    elif path.suffix in (".pkl", ".pickle"):
+        if not path.is_file():
+            raise DecafError(f"mask file not found: {path} (see datasets/README.md for the expected layout)")
+        try:
+            with open(path, "rb") as handle:
+                data = pickle.load(handle)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, OSError) as exc:
+            raise DecafError(f"mask file {path} is not a readable pickle ({type(exc).__name__}: {exc})") from exc
+    else:
+        raise DecafError(f"mask file {path}: unsupported suffix {path.suffix!r}; expected .json or .pkl")
+    if not isinstance(data, dict):
+        raise DecafError(f"mask file {path} must hold a dict, got {type(data).__name__}")
+    return data
+
+
+def _video_entry(meta: Mapping, video_key: str, meta_path: Path | str) -> Mapping:
+    entry = meta[video_key]
+    if not isinstance(entry, dict) or not isinstance(entry.get("expressions"), dict):
+        raise DecafError(f"meta file {meta_path}: video {video_key!r} has no 'expressions' dict")
+    if not isinstance(entry.get("frames"), list):
+        raise DecafError(f"meta file {meta_path}: video {video_key!r} has no 'frames' list")
+    return entry
+
+
+def jobs_from_meta(dataset: str, meta: Mapping, frames_root: Path, meta_path: Path | str = "meta") -> list[Job]:
+    """Every (video, expression) of ``meta`` in meta order, without looking at the disk (evaluators score all)."""
+    jobs = []
+    for video_key in meta:
+        entry = _video_entry(meta, video_key, meta_path)
+        vid_name = str(entry["vid_id"]) if "vid_id" in entry else video_key
+        for exp_id, exp in entry["expressions"].items():
+            if not isinstance(exp, dict) or "exp" not in exp:
+                raise DecafError(f"meta file {meta_path}: expression {video_key}/{exp_id} has no 'exp' text")
+            jobs.append(Job(dataset, video_key, vid_name, str(exp_id), exp["exp"], frames_root / video_key))
+    return jobs
+
+
+def _drop_ytvos_test_videos(meta: dict, data_root: Path) -> dict:
+    """Remove the test videos that the competition's valid meta also lists (SPEC §10.6, §14 #32)."""
+    test_meta_path = data_root / YTVOS_TEST_META
+    if test_meta_path.is_file():
+        test_videos = set(load_meta(test_meta_path))
+        meta = {key: entry for key, entry in meta.items() if key not in test_videos}
+    else:
+        log.warning("%s not found; the test videos of the valid meta cannot be dropped", test_meta_path)
+    if len(meta) != YTVOS_VALID_VIDEOS:
+        log.warning("Ref-YouTube-VOS: %d videos remain, expected %d valid videos", len(meta), YTVOS_VALID_VIDEOS)
+    return meta
+
+
+def check_meta_frames(video_key: str, meta_frames: Sequence[str], frames_dir: Path) -> None:
+    """Meta frame names must equal the frame names of SPEC §2.2, in order (SPEC §10.1)."""
+    on_disk = [frame_name(p) for p in list_frames(frames_dir)]
+    if list(meta_frames) != on_disk:
+        first = next((i for i, (a, b) in enumerate(zip(meta_frames, on_disk)) if a != b),
+                     min(len(meta_frames), len(on_disk)))
+        meta_name = meta_frames[first] if first < len(meta_frames) else "<end>"
+        disk_name = on_disk[first] if first < len(on_disk) else "<end>"
+        raise DecafError(
+            f"video {video_key}: meta lists {len(meta_frames)} frames but {frames_dir} holds {len(on_disk)} .jpg "
+            f"frames; first difference at position {first}: meta {meta_name!r} vs folder {disk_name!r}")
+
+
+def list_jobs(dataset: str, data_root: str | Path | None = None, testset: bool = False, *,
+              check_frames: bool = False) -> list[Job]:
+    """The full job list of SPEC §10.9: videos in meta order, then expression ids in meta order.
+
+    Ref-YouTube-VOS test videos are dropped first (§10.6). A video whose frame folder is missing is skipped with a
+    warning. With ``check_frames`` the meta frame names are compared with the frame files (§10.1, §2.2).
+    """
+    root = Path(data_root) if data_root is not None else default_data_root()
+    files = dataset_files(dataset, root, testset)
+    meta = load_meta(files.meta)
+    if dataset == "ytvos":
+        meta = _drop_ytvos_test_videos(meta, root)
+    missing = [key for key in meta if not (files.frames_root / key).is_dir()]
+    for key in missing:
+        log.warning("video %s: frame folder %s not found; skipping its expressions", key, files.frames_root / key)
+    skipped = set(missing)
+    present = {key: entry for key, entry in meta.items() if key not in skipped}
+    jobs = jobs_from_meta(dataset, present, files.frames_root, files.meta)
+    if check_frames:
+        for key in present:
+            check_meta_frames(key, _video_entry(present, key, files.meta)["frames"], files.frames_root / key)
+    return jobs
+
+
+def shard_jobs(jobs: list[Job], subset_num: int, subset_idx: int) -> list[Job]:
+    """The jobs with ``index % subset_num == subset_idx`` over the FULL list (SPEC §10.9, §14 #30).
+
+    Finished jobs must be skipped only after sharding, so that every shard sees the same list.
+    """
+    if not isinstance(subset_num, int) or subset_num < 1:
+        raise DecafError(f"--subset_num must be a positive integer, got {subset_num!r}")
+    if not isinstance(subset_idx, int) or not 0 <= subset_idx < subset_num:
+        raise DecafError(f"--subset_idx must be in [0, {subset_num - 1}] for --subset_num {subset_num}, "
+                         f"got {subset_idx!r}")
+    return [job for index, job in enumerate(jobs) if index % subset_num == subset_idx]
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise DecafError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def shard_from_env(subset_num: int, subset_idx: int) -> tuple[int, int]:
+    """Shard from torchrun (``WORLD_SIZE``/``RANK``) or Slurm (``SLURM_NTASKS``/``SLURM_PROCID``).
+
+    Only when the flags are left at their defaults (1, 0) and the launcher started more than one task; explicit
+    flags always win.
+    """
+    if (subset_num, subset_idx) != (1, 0):
+        return subset_num, subset_idx
+    for size_var, rank_var in (("WORLD_SIZE", "RANK"), ("SLURM_NTASKS", "SLURM_PROCID")):
+        size, rank = _env_int(size_var), _env_int(rank_var)
+        if size is not None and rank is not None and size > 1:
+            if not 0 <= rank < size:
+                raise DecafError(f"{rank_var}={rank} is outside [0, {size - 1}] given by {size_var}")
+            return size, rank
+    return subset_num, subset_idx
+
+
+def group_by_video(jobs: Iterable[Job]) -> list[list[Job]]:
+    """Consecutive jobs of the same video, order preserved (stage 2 shares per-video work)."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        if groups and groups[-1][0].video_key == job.video_key:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def davis_anno_ids(meta: Mapping) -> dict[tuple[str, str], int]:
+    """Ref-DAVIS17 anno_ids (SPEC §10.2, §14 #24): a running counter over videos sorted by name and, within a
+    video, over expression ids sorted **as strings** ("0", "1", "10", "11", "2", …)."""
+    mapping: dict[tuple[str, str], int] = {}
+    counter = 0
+    for video_key in sorted(meta):
+        for exp_id in sorted(str(e) for e in meta[video_key]["expressions"]):
+            mapping[(video_key, exp_id)] = counter
+            counter += 1
+    return mapping
+
+
+def expression_anno_ids(dataset: str, meta: Mapping, video_key: str, exp_id: str,
+                        davis_map: Mapping[tuple[str, str], int] | None) -> list:
+    """The mask-dict keys whose union is the expression's GT (SPEC §10.2, §10.7)."""
+    if dataset == "davis":
+        if davis_map is None:
+            raise ValueError("DAVIS needs the anno-id map of davis_anno_ids(meta)")
+        return [davis_map[(video_key, str(exp_id))]]
+    anno = meta[video_key]["expressions"][exp_id].get("anno_id", [])
+    return list(anno) if isinstance(anno, (list, tuple)) else [anno]
+
+
+def find_mask_key(mask_dict: Mapping, anno_id: Any) -> Any:
+    """The key under which ``anno_id`` is stored: as given, as a string (JSON files) or as an int (DAVIS pkl)."""
+    if anno_id in mask_dict:
+        return anno_id
+    if str(anno_id) in mask_dict:
+        return str(anno_id)
+    if isinstance(anno_id, str) and anno_id.lstrip("-").isdigit() and int(anno_id) in mask_dict:
+        return int(anno_id)
+    return None
+
+
+def decode_rle(rle: Mapping) -> np.ndarray:
+    """A COCO RLE (compressed ``counts`` as str/bytes, or uncompressed list) as a uint8 (H, W) mask.
+
+    A decoded mask with three dimensions is summed over its last axis as uint8 (SPEC §10.3).
+    """
+    from pycocotools import mask as mask_utils
+
+    try:
+        if isinstance(rle["counts"], list):
+            rle = mask_utils.frPyObjects(dict(rle), *rle["size"])
+        with warnings.catch_warnings():
+            # pycocotools' Masks.__array__ predates NumPy 2's copy keyword; the warning is harmless noise
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = mask_utils.decode(rle)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise DecafError(f"malformed RLE ({type(exc).__name__}: {exc})") from exc
+    if decoded.ndim == 3:
+        decoded = decoded.sum(axis=2, dtype=np.uint8)
+    return np.asarray(decoded, dtype=np.uint8)
+
+
+def gt_masks(anno_ids: Sequence, mask_dict: Mapping, num_frames: int, *,
+             size: tuple[int, int] | None = None, indices: Sequence[int] | None = None) -> np.ndarray:
+    """The uint8 GT G of SPEC §10.7, shape (F, H, W) (or (len(indices), H, W) for the given frame positions).
+
+    G_f is the sum of the decoded RLEs of every anno_id at meta frame f; ``None`` contributes nothing (values 0/1,
+    2 where objects overlap). ``size`` is the expected (H, W): every RLE must have it, and it gives the shape when
+    no RLE exists (all ``None`` or no anno_id).
+    """
+    positions = list(range(num_frames)) if indices is None else list(indices)
+    per_anno = []
+    for anno_id in anno_ids:
+        key = find_mask_key(mask_dict, anno_id)
+        if key is None:
+            raise DecafError(f"anno_id {anno_id!r} is missing from the mask dict")
+        rles = mask_dict[key]
+        if not isinstance(rles, (list, tuple)) or len(rles) < num_frames:
+            count = len(rles) if isinstance(rles, (list, tuple)) else "no"
+            raise DecafError(f"anno_id {anno_id!r} has {count} GT entries for {num_frames} meta frames")
+        per_anno.append(rles)
+    for pos in positions:
+        if not 0 <= pos < num_frames:
+            raise DecafError(f"frame index {pos} is outside the {num_frames} meta frames")
+    if size is None:
+        size = next((tuple(int(v) for v in rles[pos]["size"]) for rles in per_anno for pos in positions
+                     if rles[pos] is not None), None)
+        if size is None:
+            raise DecafError("GT has no mask in the requested frames and no size was given")
+    height, width = size
+    out = np.zeros((len(positions), height, width), dtype=np.uint8)
+    for rles in per_anno:
+        for row, pos in enumerate(positions):
+            if rles[pos] is None:
+                continue
+            decoded = decode_rle(rles[pos])
+            if decoded.shape != (height, width):
+                raise DecafError(f"GT mask of frame {pos} is {decoded.shape[1]}x{decoded.shape[0]}, expected "
+                                 f"{width}x{height} (the prediction/frame size)")
+            out[row] += decoded
+    return out
