@@ -370,3 +370,28 @@ def build_tiny_qwen_checkpoint(path: str | Path, family: str = "qwen2_5_vl", *, 
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     return Path(path)
+
+
+def reference_config(family: str = "qwen2_5_vl"):
+    """The full-size architecture of Qwen2.5-VL-7B-Instruct (or Qwen2-VL-7B-Instruct), from their public config.json.
+
+    For GPU benchmarks with random weights: timings do not depend on weight values.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=False, use_sliding_window=False, hidden_act="silu")
+    ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+               vision_end_token_id=151653, bos_token_id=151643, eos_token_id=151645)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
+                      in_channels=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen2_vl":
+        vision = dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
+                      in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    raise DecafError(f"unknown Qwen family {family!r}; expected one of {', '.join(FAMILIES)}")

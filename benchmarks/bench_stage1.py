@@ -1,0 +1,241 @@
+"""Stage-1 benchmark on the full-size MLLM architecture with random weights (GPU).
+
+Measures, for one family, the capture overhead of every call type against a plain bf16 prefill of the same inputs
+(no capture), for the streamed rollout (SPEC §5.8a) and the paper-literal one (§5.2–§5.4), with peak GPU memory;
+the streamed-vs-literal error on q/k captured in the same forward (T1 of §0.5); and, optionally, a whole expression
+(five calls) of our pipeline against the paper-style path (literal capture, every pass decoded). Timings do not
+depend on weight values, so random weights give the real costs. The processor and tokenizer (real Qwen2
+vocabulary) come from a tiny offline checkpoint of the same family.
+
+    python benchmarks/bench_stage1.py --family qwen2_5_vl --frames 16 64 --chunks 1 4 8 --out results.json
+
+Prints a table; never asserts a time.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model.adapters.base import AdapterOptions  # noqa: E402
+from model.prompting import PipelineSettings, PromptingPipeline  # noqa: E402
+from model.rollout import make_rollout  # noqa: E402
+
+BEDROOM = REPO.parent / "shared" / "data" / "videos" / "bedroom"
+EXPRESSION = "the person walking to the bed"
+
+
+def family_setup(family: str, workdir: Path) -> tuple[type, Path, Any]:
+    """(adapter class, tiny checkpoint with the real processor, full-size config) of a family."""
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from model.adapters.qwen import QwenVLAdapter
+        from model.tiny.qwen import build_tiny_qwen_checkpoint, reference_config
+        ckpt = build_tiny_qwen_checkpoint(workdir / family, family, real_vocab=True, num_layers=1)
+        return QwenVLAdapter, ckpt, reference_config(family)
+    if family == "qwen3_vl":
+        from model.adapters.qwen3_vl import Qwen3VLAdapter
+        from model.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
+        return Qwen3VLAdapter, build_tiny_qwen3_vl_checkpoint(workdir / family, real_vocab=True), reference_config()
+    if family == "llava_onevision":
+        from model.adapters.llava_onevision import LlavaOnevisionAdapter
+        from model.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint, reference_config
+        return (LlavaOnevisionAdapter, build_tiny_llava_onevision_checkpoint(workdir / family, real_vocab=True),
+                reference_config())
+    if family == "internvl":
+        from model.adapters.internvl import InternVLAdapter
+        from model.tiny.internvl import build_tiny_internvl_checkpoint, reference_config
+        return InternVLAdapter, build_tiny_internvl_checkpoint(workdir / family, real_vocab=True), reference_config()
+    raise SystemExit(f"unknown family {family}")
+
+
+def full_size_adapter(family: str, workdir: Path):
+    """An adapter whose model is the full-size architecture (random bf16 weights on the GPU)."""
+    adapter_class, ckpt, config = family_setup(family, workdir)
+    adapter = adapter_class(ckpt, device="cuda", precision="bf16", attn_implementation="sdpa",
+                            options=AdapterOptions())
+    model_class = type(adapter.model)
+    del adapter.model
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = model_class._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    adapter.model = model.eval()
+    adapter.num_layers = config.get_text_config().num_hidden_layers
+    return adapter
+
+
+def sample_frames(count: int) -> list[Path]:
+    """``count`` bedroom frames (960×540), spread over the 200 available."""
+    step = max(1, 200 // count)
+    return [BEDROOM / f"{(i * step) % 200:05d}.jpg" for i in range(count)]
+
+
+def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """Median wall time over ``repeats`` runs after one warm-up, and the peak extra GPU memory."""
+    fn()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+class Tee:
+    """Feeds the same captured q/k to two rollouts (streamed vs literal on one forward)."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def add_layer(self, q, k):
+        for sink in self.sinks:
+            sink.add_layer(q, k)
+
+
+def run_call(pipeline: PromptingPipeline, batch, mode: str) -> None:
+    model = pipeline.adapter.model
+    with torch.inference_mode():
+        if mode == "plain":
+            model(**batch.inputs, use_cache=False, logits_to_keep=1)
+            return
+        rollout = make_rollout(mode, batch.visual_mask, batch.key_mask)
+        with pipeline.capture.armed(rollout, batch.seq_len):
+            model(**batch.inputs, use_cache=False, logits_to_keep=1)
+        rollout.rows()
+
+
+def streamed_vs_literal(pipeline: PromptingPipeline, batch) -> float:
+    """max |streamed − literal| / max |literal| over the rows of one real forward (T1 metric)."""
+    streamed = make_rollout("streamed", batch.visual_mask, batch.key_mask)
+    literal = make_rollout("literal", batch.visual_mask, batch.key_mask)
+    with torch.inference_mode(), pipeline.capture.armed(Tee(streamed, literal), batch.seq_len):
+        pipeline.adapter.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+    a, b = streamed.rows(), literal.rows()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def try_measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    try:
+        return measure(fn, repeats)
+    except torch.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"seconds": None, "peak_extra_gib": None, "oom": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="qwen2_5_vl")
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[1, 4, 8], help="frame-pass chunk sizes")
+    parser.add_argument("--modes", nargs="+", default=["plain", "streamed", "literal"])
+    parser.add_argument("--literal_max_tokens", type=int, default=14000,
+                        help="skip the literal rollout above this sequence length (it needs B·H·L² fp32)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--expression", action="store_true",
+                        help="also time one whole expression (5 calls): ours vs the paper-style path")
+    parser.add_argument("--decode_tokens", type=int, default=8,
+                        help="fixed answer length for the whole-expression timing (random weights never stop)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    results: dict[str, Any] = {"family": args.family, "device": torch.cuda.get_device_name(),
+                               "torch": torch.__version__, "calls": [], "expression": []}
+    import transformers
+    results["transformers"] = transformers.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = full_size_adapter(args.family, Path(tmp))
+    start, end = adapter.num_layers // 2, adapter.num_layers
+    pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end))
+    results["layers"] = [start, end]
+    print(f"{args.family}: {adapter.num_layers} layers, capture [{start}, {end}), device {results['device']}",
+          flush=True)
+
+    for count in args.frames:
+        frames = sample_frames(count)
+        video = adapter.video_batch(frames, "what is it?")
+        passes = [("video", count, video)]
+        passes += [(f"frames x{b}", count, adapter.frame_batch(frames[:b], "what is it?", video)) for b in args.chunks
+                   if count == args.frames[0]]
+        for name, n_frames, batch in passes:
+            row: dict[str, Any] = {"call": name, "frames": n_frames, "batch": int(batch.visual_mask.shape[0]),
+                                   "tokens": batch.seq_len, "visual_tokens": int(batch.visual_mask[0].sum())}
+            for mode in args.modes:
+                if mode == "literal" and batch.seq_len > args.literal_max_tokens:
+                    row[mode] = {"seconds": None, "peak_extra_gib": None, "skipped": True}
+                    continue
+                row[mode] = try_measure(lambda: run_call(pipeline, batch, mode), args.repeats)
+            if batch.seq_len <= args.literal_max_tokens:
+                try:
+                    row["rel_error"] = streamed_vs_literal(pipeline, batch)
+                except torch.OutOfMemoryError:
+                    row["rel_error"] = None
+            results["calls"].append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+
+    if args.expression:
+        frames = sample_frames(16)
+        for label, overrides in (("ours (streamed, decode calls 1-3)", {}),
+                                 ("paper-style (literal, decode all)",
+                                  {"rollout_impl": "literal", "save_bg_captions": True})):
+            settings = PipelineSettings(layer_start=start, layer_end=end, attn_max_batch=4,
+                                        max_new_tokens=args.decode_tokens, **overrides)
+            pipeline.capture.detach()
+            pipeline = PromptingPipeline(adapter, settings)
+            row = {"path": label, **try_measure(lambda: pipeline.run(frames, EXPRESSION), 1)}
+            results["expression"].append(row)
+            print(json.dumps(row), flush=True)
+
+    print_table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def print_table(results: dict[str, Any]) -> None:
+    def fmt(entry: dict[str, Any] | None, key: str) -> str:
+        if not entry or entry.get(key) is None:
+            return "OOM" if entry and entry.get("oom") else "-"
+        return f"{entry[key]:.3f}"
+
+    print(f"\n{results['family']} on {results['device']} (torch {results['torch']}, "
+          f"transformers {results['transformers']})")
+    print("| call | frames | batch | tokens | plain s | streamed s (×) | literal s (×) | plain GiB | streamed GiB | "
+          "literal GiB | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in results["calls"]:
+        plain = row.get("plain", {}).get("seconds")
+
+        def ratio(mode: str) -> str:
+            sec = (row.get(mode) or {}).get("seconds")
+            return f"{fmt(row.get(mode), 'seconds')} ({sec / plain:.2f}×)" if sec and plain else fmt(row.get(mode),
+                                                                                                    "seconds")
+        error = row.get("rel_error")
+        print(f"| {row['call']} | {row['frames']} | {row['batch']} | {row['tokens']} | {fmt(row.get('plain'), 'seconds')}"
+              f" | {ratio('streamed')} | {ratio('literal')} | {fmt(row.get('plain'), 'peak_extra_gib')} | "
+              f"{fmt(row.get('streamed'), 'peak_extra_gib')} | {fmt(row.get('literal'), 'peak_extra_gib')} | "
+              f"{'-' if error is None else f'{error:.1e}'} |")
+    for row in results["expression"]:
+        print(f"expression, {row['path']}: {fmt(row, 'seconds')} s, peak extra {fmt(row, 'peak_extra_gib')} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Stage 1 for Qwen2-VL and Qwen2.5-VL: write one attention cache per (video, expression) (SPEC §1.1, §3.1).
+
+Example:
+    python evaluation/inference_attn_map_qwenvl.py --dataset davis --version ckpts/Qwen2.5-VL-7B-Instruct \
+        --model_name qwen2-5-vl-7b-rvos --attn_max_batch 4
+"""
+from __future__ import annotations
+
+from model.adapters.qwen import QwenVLAdapter
+from model.errors import run_cli
+from model.stage1 import stage1_main
+
+FAMILY_FLAGS = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image")
+
+
+def main(argv=None) -> int:
+    return stage1_main(argv, QwenVLAdapter, FAMILY_FLAGS, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    run_cli(main)

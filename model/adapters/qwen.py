@@ -1,0 +1,132 @@
+"""Qwen2-VL and Qwen2.5-VL inputs and token grids (SPEC §3.1).
+
+Frames are resized by us (PIL bicubic, qwen-vl-utils' smart_resize rule) to sizes that are multiples of the
+processor's patch × merge factor, and handed to the processor with its own resizing and frame sampling switched
+off, so the processor only normalises and patchifies.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import DecafError
+from ..video import read_frame_size
+from .base import MLLMAdapter, VisualBatch, load_rgb
+
+#: Qwen2.5-VL's M-RoPE time step per temporal slot: the reference's processor default (fps 2, temporal patch 2)
+SECOND_PER_GRID_T = 1.0
+MIN_TOKENS = 4  # min_pixels = 4·factor² (the image minimum, also for video, as in the reference)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """qwen-vl-utils' resize rule in Python floats, operation order kept (SPEC §3.1).
+
+    >>> smart_resize(480, 854, 28, 3136, 400 * 28 * 28)
+    (392, 728)
+    """
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_frame(path: str | Path, size_hw: tuple[int, int]) -> Image.Image:
+    """Open as RGB and resize to (h, w) with Pillow's bicubic filter (SPEC §3.1)."""
+    height, width = size_hw
+    return load_rgb(path).resize((width, height), Image.Resampling.BICUBIC)
+
+
+class QwenVLAdapter(MLLMAdapter):
+    """Qwen2-VL-2B/7B-Instruct and Qwen2.5-VL-3B/7B-Instruct; class chosen from ``model_type`` (§3.1)."""
+
+    family = "qwen2_5_vl"
+    model_types = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+    system_message = None  # the Qwen template inserts "You are a helpful assistant." (§4.4)
+
+    def _model_class(self) -> type:
+        if self.family == "qwen2_vl":
+            from transformers import Qwen2VLForConditionalGeneration
+            return Qwen2VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        return Qwen2_5_VLForConditionalGeneration
+
+    def _processor_kwargs(self) -> dict[str, Any]:
+        # right padding: a row's query is then its last real token at the end (§3.1 "Other facts", §5.6)
+        return {"padding_side": "right"}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        image_processor = self.processor.image_processor
+        self.patch = int(image_processor.patch_size)
+        self.merge = int(image_processor.merge_size)
+        self.temporal_patch = int(image_processor.temporal_patch_size)
+        # every Qwen2/2.5-VL checkpoint uses these (SPEC §3.1); anything else is a different architecture
+        if (self.patch, self.merge, self.temporal_patch) != (14, 2, 2):
+            raise DecafError(f"{self.checkpoint}: expected patch 14, merge 2, temporal patch 2 for Qwen2/2.5-VL, got "
+                             f"{self.patch}, {self.merge}, {self.temporal_patch}")
+        self.factor = self.patch * self.merge
+        config = self.model.config
+        self.video_token_id = int(config.video_token_id)
+        self.image_token_id = int(config.image_token_id)
+        for token, token_id in (("<|video_pad|>", self.video_token_id), ("<|image_pad|>", self.image_token_id)):
+            if self.tokenizer.convert_tokens_to_ids(token) != token_id:
+                raise DecafError(f"{self.checkpoint}: tokenizer id of {token} differs from the config's {token_id}")
+
+    # ----- video level (calls 1, 4) ---------------------------------------------------------------------------
+    def video_frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h̄, w̄) of every video frame: smart_resize with the ``attn_max_token`` budget (§3.1)."""
+        return smart_resize(height, width, self.factor, MIN_TOKENS * self.factor ** 2,
+                            self.options.attn_max_token * self.factor ** 2)
+
+    def video_batch(self, frames: Sequence[Path], prompt: str) -> VisualBatch:
+        size = self.video_frame_size(*read_frame_size(frames[0]))
+        images = [resize_frame(path, size) for path in frames]
+        if len(images) % 2:
+            images.append(images[-1])  # odd T: the last frame once more (T' = T + 1)
+        inputs = self.processor(text=[self.render(prompt, "video")], videos=[images], do_resize=False,
+                                do_sample_frames=False, return_tensors="pt")
+        grid_thw = inputs["video_grid_thw"][0].tolist()
+        expected = [len(images) // self.temporal_patch, size[0] // self.patch, size[1] // self.patch]
+        if grid_thw != expected:
+            raise RuntimeError(f"processor gave video_grid_thw {grid_thw}, expected {expected}: it resampled or "
+                               "resized the frames")
+        if self.family == "qwen2_5_vl":
+            # the time index of M-RoPE must advance 1.0 per slot as in the reference (§3.1); the processor's own
+            # default for a list of frames differs, so set it explicitly
+            inputs["second_per_grid_ts"] = torch.full((1,), SECOND_PER_GRID_T)
+        grid = (grid_thw[0], grid_thw[1] // self.merge, grid_thw[2] // self.merge)
+        return self._batch(inputs, [self.video_token_id], grid)
+
+    # ----- frame level (calls 2, 5) ---------------------------------------------------------------------------
+    def frame_image_size(self, frame: Path, video: VisualBatch) -> tuple[int, int]:
+        """(H, W) pixels of a frame-level image: s× the video grid, or smart_resize with a per-image budget."""
+        if self.options.attn_max_token_per_image > 0:
+            height, width = read_frame_size(frame)
+            return smart_resize(height, width, self.factor, MIN_TOKENS * self.factor ** 2,
+                                self.options.attn_max_token_per_image * self.factor ** 2)
+        scale = self.options.attn_resize_scale
+        _, h_v, w_v = video.grid
+        return scale * h_v * self.factor, scale * w_v * self.factor
+
+    def frame_batch(self, frames: Sequence[Path], prompt: str, video: VisualBatch) -> VisualBatch:
+        size = self.frame_image_size(frames[0], video)
+        images = [resize_frame(path, size) for path in frames]
+        text = self.render(prompt, "image")
+        inputs = self.processor(text=[text] * len(images), images=images, do_resize=False, return_tensors="pt")
+        grids = inputs["image_grid_thw"].tolist()
+        expected = [1, size[0] // self.patch, size[1] // self.patch]
+        if any(g != expected for g in grids):
+            raise RuntimeError(f"processor gave image_grid_thw {grids}, expected {expected} for every frame")
+        grid = (1, expected[1] // self.merge, expected[2] // self.merge)
+        return self._batch(inputs, [self.image_token_id], grid)

@@ -1,0 +1,214 @@
+"""Stage 1: attention extraction over a benchmark (SPEC §1.1, §10.9, §12.2, §12.6).
+
+Shared by every ``evaluation/inference_attn_map_<family>.py``: each script only names its adapter class and the
+family flags it accepts. Jobs are sharded over the full list first and finished jobs skipped afterwards (§10.9); an
+existing cache is trusted only if it validates and was made with the same settings (§12.2).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .adapters.base import (AdapterOptions, MLLMAdapter, default_attn_implementation, layer_count,
+                            read_checkpoint_config)
+from .atomic import library_versions, write_manifest
+from .cache import load_cache, save_cache, setting_mismatches
+from .cli_args import add_job_args, add_run_folder_args, batch_arg, default_device, model_name_of
+from .errors import EXIT_JOBS_FAILED, DecafError
+from .paths import cache_file_name, cache_folder, run_folder
+from .prompting import PipelineSettings, PromptingPipeline, resolve_layer_range
+from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
+
+log = logging.getLogger("decaf.stage1")
+
+FAMILY_FLAGS = {
+    "attn_max_token": (int, 400, "Qwen families: merged tokens per video time slot; max_pixels = value·28² "
+                                 "(·32² for Qwen3-VL) (SPEC §3.1)"),
+    "attn_resize_scale": (int, 2, "Qwen families: frame-level images are s× the video frame size per side "
+                                  "(SPEC §3.1)"),
+    "attn_max_token_per_image": (int, -1, "Qwen families: if > 0, frame-level images keep their aspect ratio with "
+                                          "max_pixels = value·28² instead of the s× rule"),
+    "max_patches": (int, 12, "InternVL: maximum number of 448-px tiles per frame (SPEC §3.3)"),
+}
+
+
+def build_parser(description: str, family_flags: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_job_args(parser)
+    add_run_folder_args(parser, version_required=True)
+    group = parser.add_argument_group("extraction")
+    group.add_argument("--attn_max_batch", type=batch_arg, default=4,
+                       help="frame-level conversations per forward pass; only memory changes. 'auto' starts with "
+                            "all frames and halves the chunk on CUDA out-of-memory (SPEC §5.6)")
+    group.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+                       help="MLLM weight and forward dtype (AWQ checkpoints force fp16); captured attention is "
+                            "always fp32")
+    group.add_argument("--attn_implementation", choices=("sdpa", "flash_attention_2"), default=None,
+                       help="kernel of the model's own forward (default: flash_attention_2 if installed, else sdpa)")
+    group.add_argument("--rollout_impl", choices=("streamed", "literal"), default="streamed",
+                       help="'streamed' row-vector rollout (O(L·d) memory, SPEC §5.8a) or the paper-literal L×L "
+                            "oracle (for tests and small inputs)")
+    group.add_argument("--rollout_dtype", choices=("fp32", "bf16"), default="fp32",
+                       help="precision of the captured attention and rollout; fp32 reproduces the paper, bf16 is "
+                            "an opt-in extension (SPEC §5.5)")
+    group.add_argument("--no_background", action="store_true",
+                       help="ablation (Table 4a): skip calls 3-5 and write object maps only to a '_obj-only' folder")
+    group.add_argument("--save_bg_captions", action="store_true",
+                       help="also decode the background passes (calls 4-5) and store their captions")
+    group.add_argument("--max_new_tokens", type=int, default=128,
+                       help="greedy decoding length of the answers (SPEC §4.7: 128); lower it only for smoke tests "
+                            "of random-weight models, it can change obj_name")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    for name in family_flags:
+        kind, default, text = FAMILY_FLAGS[name]
+        group.add_argument(f"--{name}", type=kind, default=default, help=text)
+    return parser
+
+
+def expected_meta(args: argparse.Namespace, family: str, num_layers: int, start: int, end: int,
+                  adapter_settings: dict[str, Any]) -> dict[str, Any]:
+    """The recorded settings a reusable cache must match (SPEC §12.2)."""
+    return {
+        "family": family,
+        "checkpoint": args.version,
+        "num_layers": num_layers,
+        "layer_start": start,
+        "layer_end": end,
+        "num_input_frames": args.num_input_frames,
+        "prompt_versions": {"obj": args.prompt_obj_ver, "bg": args.prompt_bg_ver, "choice": args.prompt_obj_cnt_ver},
+        "settings": adapter_settings,
+    }
+
+
+def finished(path: Path, expected: dict[str, Any], overwrite: bool) -> bool:
+    """True if ``path`` is a valid cache made with the expected settings; raise if it conflicts (§12.2)."""
+    if not path.exists() or overwrite:
+        return False
+    cache = load_cache(path)  # a corrupt file raises, naming it
+    diffs = setting_mismatches(cache.meta, expected)
+    if diffs:
+        raise DecafError(f"{path} exists but was made with other settings ({', '.join(diffs)}); "
+                         "use --overwrite to recompute it")
+    return True
+
+
+def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], family_flags: Sequence[str],
+                description: str) -> int:
+    """Entry point of an ``inference_attn_map_<family>.py`` script."""
+    from evaluation.datasets import list_jobs, shard_from_env, shard_jobs
+
+    args = build_parser(description, family_flags).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.num_input_frames < 1:
+        raise DecafError("--num_input_frames must be positive")
+
+    config = read_checkpoint_config(args.version)  # fails now, before any job, for a missing checkpoint
+    model_type = config.get("model_type")
+    if model_type not in adapter_class.model_types:
+        raise DecafError(f"checkpoint {args.version} is a {model_type!r} model; this script handles "
+                         f"{sorted(adapter_class.model_types)}")
+    family = adapter_class.model_types[model_type]
+    num_layers = layer_count(config)
+    start, end = resolve_layer_range(num_layers, args.attn_layer_idx_start, args.attn_layer_idx_end)
+    versions = (args.prompt_obj_ver, args.prompt_bg_ver, args.prompt_obj_cnt_ver)
+    folder = Path(args.attn_save_path) if args.attn_save_path else cache_folder(
+        model_name_of(args), run_folder(args.num_input_frames, start, args.attn_layer_idx_end, versions,
+                                        obj_only=args.no_background), args.dataset, args.testset)
+    options = AdapterOptions(**{name: getattr(args, name) for name in family_flags})
+    device = args.device or default_device()
+    attn_impl = args.attn_implementation or default_attn_implementation()
+    resolution = {name: getattr(options, name) for name in FAMILY_FLAGS}
+
+    subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)
+    jobs = shard_jobs(list_jobs(args.dataset, args.data_root, args.testset), subset_num, subset_idx)
+    expected = expected_meta(args, family, num_layers, start, end, resolution)
+    failures: list[dict[str, str]] = []
+    pending = []
+    for job in jobs:
+        path = folder / cache_file_name(job.vid_name, job.exp_id)
+        try:
+            if not finished(path, expected, args.overwrite):
+                pending.append((job, path))
+        except DecafError as exc:
+            failures.append({"job": job.job_id, "error": str(exc)})
+            log.error("%s: %s", job.job_id, exc)
+    log.info("shard %d/%d: %d jobs, %d to run, cache folder %s", subset_idx, subset_num, len(jobs), len(pending),
+             folder)
+
+    if pending and not (failures and args.fail_fast):
+        adapter = adapter_class(args.version, device=device, precision=args.precision, attn_implementation=attn_impl,
+                                options=options)
+        settings = PipelineSettings(
+            layer_start=start, layer_end=end, obj_version=args.prompt_obj_ver, bg_version=args.prompt_bg_ver,
+            choice_version=args.prompt_obj_cnt_ver, attn_max_batch=args.attn_max_batch,
+            rollout_impl=args.rollout_impl,
+            rollout_dtype=torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32,
+            no_background=args.no_background, save_bg_captions=args.save_bg_captions,
+            max_new_tokens=args.max_new_tokens)
+        pipeline = PromptingPipeline(adapter, settings)
+        for job, path in tqdm(pending, desc=f"stage 1 [{args.dataset}]", unit="expr", dynamic_ncols=True):
+            try:
+                run_job(pipeline, job, path, args, num_layers)
+            except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
+                message = str(exc) if isinstance(exc, DecafError) else f"{type(exc).__name__}: {exc}"
+                log.error("%s failed: %s", job.job_id, message)
+                if not isinstance(exc, DecafError):
+                    log.debug("%s", traceback.format_exc())
+                failures.append({"job": job.job_id, "error": message, "traceback": traceback.format_exc()})
+                if args.fail_fast:
+                    break
+
+    write_manifest(folder, "attn-map", vars(args), resolved={
+        "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
+        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)},
+        jobs=len(jobs), failed=failures)
+    if failures:
+        log.error("%d of %d jobs failed; see the manifest in %s", len(failures), len(jobs), folder)
+        return EXIT_JOBS_FAILED
+    return 0
+
+
+def run_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int) -> Path:
+    """Extract and save the four maps of one (video, expression) job."""
+    frames = list_frames(job.frames_dir)
+    frame0_size = check_frame_sizes(frames)
+    indices = sample_indices(len(frames), args.num_input_frames)
+    sampled = [frames[i] for i in indices]
+    for frame in sampled:
+        verify_decodable(frame)
+    result = pipeline.run(sampled, job.expression)
+    adapter, settings = pipeline.adapter, pipeline.settings
+    meta = {
+        "family": adapter.family,
+        "checkpoint": args.version,
+        "checkpoint_revision": adapter.revision,
+        "num_layers": num_layers,
+        "layer_start": settings.layer_start,
+        "layer_end": settings.layer_end,
+        "num_input_frames": args.num_input_frames,
+        "frames_count": len(frames),
+        "key_frame_indices": indices,
+        "frame0_size": list(frame0_size),
+        "video_grid": list(result.video_grid),
+        "frame_grid": list(result.frame_grid),
+        "tiling": list(result.tiling) if result.tiling else None,
+        "prompt_versions": {"obj": settings.obj_version, "bg": settings.bg_version, "choice": settings.choice_version},
+        "prompts": result.prompts,
+        "texts": result.texts,
+        "settings": {**adapter.settings(), "attn_max_batch": settings.attn_max_batch,
+                     "rollout_impl": settings.rollout_impl, "rollout_dtype": args.rollout_dtype,
+                     "max_new_tokens": settings.max_new_tokens},
+        "versions": {k: v for k, v in library_versions().items() if k in ("decaf", "torch", "transformers")},
+        "dataset": job.dataset,
+        "video_key": job.video_key,
+        "exp_id": job.exp_id,
+        "expression": job.expression,
+    }
+    return save_cache(path, result.maps, meta)
