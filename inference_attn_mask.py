@@ -1,0 +1,18 @@
+"""Stage 2: coarse attention masks and/or SAM2 masks from the attention caches (SPEC §1.1, §6–§8).
+
+Example (Ref-DAVIS17, Qwen2.5-VL-7B caches from stage 1):
+    python inference_attn_mask.py --dataset davis --version ckpts/Qwen2.5-VL-7B-Instruct \
+        --model_name qwen2-5-vl-7b-rvos --predict_attn_mask --predict_sam_mask
+"""
+from __future__ import annotations
+
+from model.errors import run_cli
+from model.stage2 import mask_main
+
+
+def main(argv=None) -> int:
+    return mask_main(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main)
