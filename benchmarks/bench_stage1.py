@@ -74,10 +74,11 @@ def full_size_adapter(family: str, workdir: Path):
     return adapter
 
 
-def sample_frames(count: int) -> list[Path]:
-    """``count`` bedroom frames (960×540), spread over the 200 available."""
-    step = max(1, 200 // count)
-    return [BEDROOM / f"{(i * step) % 200:05d}.jpg" for i in range(count)]
+def sample_frames(folder: Path, count: int) -> list[Path]:
+    """``count`` frames spread over the folder's frames (the bedroom clip: 200 frames of 960×540)."""
+    available = sorted(folder.glob("*.jpg"))
+    step = max(1, len(available) // count)
+    return [available[(i * step) % len(available)] for i in range(count)]
 
 
 def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
@@ -153,6 +154,8 @@ def main() -> None:
                         help="also time one whole expression (5 calls): ours vs the paper-style path")
     parser.add_argument("--decode_tokens", type=int, default=8,
                         help="fixed answer length for the whole-expression timing (random weights never stop)")
+    parser.add_argument("--frames_dir", type=Path, default=BEDROOM,
+                        help="folder of JPEG frames (default: ../shared/data/videos/bedroom)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -170,7 +173,7 @@ def main() -> None:
           flush=True)
 
     for count in args.frames:
-        frames = sample_frames(count)
+        frames = sample_frames(args.frames_dir, count)
         video = adapter.video_batch(frames, "what is it?")
         passes = [("video", count, video)]
         passes += [(f"frames x{b}", count, adapter.frame_batch(frames[:b], "what is it?", video)) for b in args.chunks
@@ -193,7 +196,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     if args.expression:
-        frames = sample_frames(16)
+        frames = sample_frames(args.frames_dir, 16)
         for label, overrides in (("ours (streamed, decode calls 1-3)", {}),
                                  ("paper-style (literal, decode all)",
                                   {"rollout_impl": "literal", "save_bg_captions": True})):
