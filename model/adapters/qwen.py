@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
@@ -53,6 +53,9 @@ class QwenVLAdapter(MLLMAdapter):
     family = "qwen2_5_vl"
     model_types = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
     system_message = None  # the Qwen template inserts "You are a helpful assistant." (§4.4)
+    #: (patch, merge, temporal patch) every checkpoint of the family has (SPEC §3.1), or None where the layout is
+    #: taken from the processor without a fixed expectation (Qwen3-VL, §3.4)
+    vision_layout: ClassVar[tuple[int, int, int] | None] = (14, 2, 2)
 
     def _model_class(self) -> type:
         if self.family == "qwen2_vl":
@@ -72,7 +75,7 @@ class QwenVLAdapter(MLLMAdapter):
         self.merge = int(image_processor.merge_size)
         self.temporal_patch = int(image_processor.temporal_patch_size)
         # every Qwen2/2.5-VL checkpoint uses these (SPEC §3.1); anything else is a different architecture
-        if (self.patch, self.merge, self.temporal_patch) != (14, 2, 2):
+        if self.vision_layout is not None and (self.patch, self.merge, self.temporal_patch) != self.vision_layout:
             raise DecafError(f"{self.checkpoint}: expected patch 14, merge 2, temporal patch 2 for Qwen2/2.5-VL, got "
                              f"{self.patch}, {self.merge}, {self.temporal_patch}")
         self.factor = self.patch * self.merge
@@ -95,7 +98,8 @@ class QwenVLAdapter(MLLMAdapter):
         if len(images) % 2:
             images.append(images[-1])  # odd T: the last frame once more (T' = T + 1)
         inputs = self.processor(text=[self.render(prompt, "video")], videos=[images], do_resize=False,
-                                do_sample_frames=False, return_tensors="pt")
+                                do_sample_frames=False, return_tensors="pt",
+                                **self._video_processor_kwargs(len(images)))
         grid_thw = inputs["video_grid_thw"][0].tolist()
         expected = [len(images) // self.temporal_patch, size[0] // self.patch, size[1] // self.patch]
         if grid_thw != expected:
@@ -107,6 +111,10 @@ class QwenVLAdapter(MLLMAdapter):
             inputs["second_per_grid_ts"] = torch.full((1,), SECOND_PER_GRID_T)
         grid = (grid_thw[0], grid_thw[1] // self.merge, grid_thw[2] // self.merge)
         return self._batch(inputs, [self.video_token_id], grid)
+
+    def _video_processor_kwargs(self, frame_count: int) -> dict[str, Any]:
+        """Extra processor arguments of a video of ``frame_count`` frames (none for Qwen2/2.5-VL)."""
+        return {}
 
     # ----- frame level (calls 2, 5) ---------------------------------------------------------------------------
     def frame_image_size(self, frame: Path, video: VisualBatch) -> tuple[int, int]:

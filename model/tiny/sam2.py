@@ -21,20 +21,22 @@ TINY_CONFIG = "sam2_hiera_t.yaml"
 DEFAULT_IMAGE_SIZE = 1024
 
 
-def build_tiny_sam2_checkpoint(path: Path, image_size: int = 256, seed: int = 0) -> tuple[str, list[str]]:
+def build_tiny_sam2_checkpoint(path: Path, image_size: int = 256, seed: int = 0,
+                               config: str = TINY_CONFIG) -> tuple[str, list[str]]:
     """Write a random-weight Hiera-T checkpoint to ``path``; return ``(config name, hydra overrides)`` to load it.
 
     The weights depend only on ``seed`` (the global RNG state is left untouched). ``image_size`` must be a
-    multiple of 32 (Hiera-T's total stride).
+    multiple of 32 (Hiera-T's total stride). ``config`` names another shipped SAM 2.0 config, e.g.
+    ``sam2_hiera_l.yaml`` for GPU benchmarks of the full-size architecture.
     """
     if image_size <= 0 or image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
     overrides = [] if image_size == DEFAULT_IMAGE_SIZE else [f"++model.image_size={image_size}"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_sam2_video_predictor(f"configs/sam2/{TINY_CONFIG}", ckpt_path=None, device="cpu",
+        model = build_sam2_video_predictor(f"configs/sam2/{config}", ckpt_path=None, device="cpu",
                                            hydra_overrides_extra=list(overrides), apply_postprocessing=True,
                                            vos_optimized=False)
     state = {"model": model.state_dict()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return TINY_CONFIG, overrides
+    return config, overrides

@@ -1,0 +1,21 @@
+"""Stage 1 for Qwen3-VL (extension beyond the paper): one attention cache per (video, expression) (SPEC §3.4).
+
+Example:
+    python evaluation/inference_attn_map_qwen3vl.py --dataset davis --version ckpts/Qwen3-VL-8B-Instruct \
+        --model_name qwen3-vl-8b-rvos --attn_max_batch 4
+"""
+from __future__ import annotations
+
+from model.adapters.qwen3_vl import Qwen3VLAdapter
+from model.errors import run_cli
+from model.stage1 import stage1_main
+
+FAMILY_FLAGS = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image")
+
+
+def main(argv=None) -> int:
+    return stage1_main(argv, Qwen3VLAdapter, FAMILY_FLAGS, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    run_cli(main)
