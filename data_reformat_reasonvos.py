@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from model.errors import run_cli
-from evaluation.datasets import default_data_root
+from evaluation.rvos_datasets import default_data_root
 from evaluation.reasonvos_reformat import reformat
 
 

@@ -23,7 +23,7 @@ from model.atomic import atomic_write, atomic_write_json, write_manifest
 from model.errors import EXIT_JOBS_FAILED, DecafError
 from model.paths import data_name, metrics_path
 
-from .datasets import (DATASETS, dataset_files, davis_anno_ids, expression_anno_ids, find_mask_key,
+from .rvos_datasets import (DATASETS, dataset_files, davis_anno_ids, expression_anno_ids, find_mask_key,
                        jobs_from_meta, load_mask_dict, load_meta)
 from .metrics import aggregate, aggregate_revos, expression_values, percent
 from .scoring import (PP_KS, ExpressionResult, ExpressionTask, coarse_worker, dense_worker,

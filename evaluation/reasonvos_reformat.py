@@ -19,7 +19,7 @@ from tqdm import tqdm
 from model.atomic import atomic_write_bytes, atomic_write_json
 from model.errors import DecafError
 
-from .datasets import load_meta
+from .rvos_datasets import load_meta
 
 ORIGINAL_META = "meta_expressions.json"
 NEW_META = "meta_expressions_v2.json"

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from model.errors import DecafError
 from model.video import list_frames, read_frame_size
 
-from .datasets import decode_rle, gt_masks
+from .rvos_datasets import decode_rle, gt_masks
 from .metrics import accuracy, boundary_f, region_similarity, robustness
 
 PP_KS = (1, 5, 10, 50, 100)

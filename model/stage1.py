@@ -38,6 +38,14 @@ FAMILY_FLAGS = {
 }
 
 
+#: the extraction script of each checkpoint ``model_type``, named when a checkpoint reaches the wrong script
+SCRIPT_OF_MODEL_TYPE = {
+    "qwen2_vl": "inference_attn_map_qwenvl.py", "qwen2_5_vl": "inference_attn_map_qwenvl.py",
+    "qwen3_vl": "inference_attn_map_qwen3vl.py", "qwen3_vl_moe": "inference_attn_map_qwen3vl.py",
+    "llava_onevision": "inference_attn_map_llavaov.py", "internvl": "inference_attn_map_internvl.py",
+}
+
+
 def build_parser(description: str, family_flags: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -102,7 +110,7 @@ def finished(path: Path, expected: dict[str, Any], overwrite: bool) -> bool:
 def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], family_flags: Sequence[str],
                 description: str) -> int:
     """Entry point of an ``inference_attn_map_<family>.py`` script."""
-    from evaluation.datasets import list_jobs, shard_from_env, shard_jobs
+    from evaluation.rvos_datasets import list_jobs, shard_from_env, shard_jobs
 
     args = build_parser(description, family_flags).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,8 +120,10 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     config = read_checkpoint_config(args.version)  # fails now, before any job, for a missing checkpoint
     model_type = config.get("model_type")
     if model_type not in adapter_class.model_types:
+        hint = (f"; use evaluation/{SCRIPT_OF_MODEL_TYPE[model_type]}" if model_type in SCRIPT_OF_MODEL_TYPE
+                else "; no DecAF adapter supports it")
         raise DecafError(f"checkpoint {args.version} is a {model_type!r} model; this script handles "
-                         f"{sorted(adapter_class.model_types)}")
+                         f"{sorted(adapter_class.model_types)}{hint}")
     family = adapter_class.model_types[model_type]
     num_layers = layer_count(config)
     start, end = resolve_layer_range(num_layers, args.attn_layer_idx_start, args.attn_layer_idx_end)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from evaluation.datasets import Job, group_by_video, list_jobs, shard_from_env, shard_jobs
+from evaluation.rvos_datasets import Job, group_by_video, list_jobs, shard_from_env, shard_jobs
 
 from .atomic import atomic_directory, write_manifest
 from .cache import AttentionCache, check_against_frames, load_cache, setting_mismatches

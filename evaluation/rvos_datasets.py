@@ -4,6 +4,9 @@ Everything here reads the on-disk layout of SPEC §10.1 under ``--data_root`` (s
 inference stages use :func:`list_jobs` / :func:`shard_jobs`; the evaluators use :func:`load_meta`,
 :func:`load_mask_dict`, :func:`expression_anno_ids` and :func:`gt_masks`. Bad or missing files raise a one-line
 :class:`~model.errors.DecafError` that names the file.
+
+The module is not called ``datasets.py``: scripts run as ``python evaluation/<script>.py`` put ``evaluation/``
+first on ``sys.path``, where such a file would shadow Hugging Face's ``datasets`` package for transformers.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from conftest import copy_frames
-from evaluation.datasets import (DATASETS, DatasetFiles, Job, dataset_files, davis_anno_ids, default_data_root,
+from evaluation.rvos_datasets import (DATASETS, DatasetFiles, Job, dataset_files, davis_anno_ids, default_data_root,
                                  expression_anno_ids, group_by_video, gt_masks, list_jobs, load_mask_dict,
                                  load_meta, shard_from_env, shard_jobs)
 from model.errors import DecafError
