@@ -195,6 +195,20 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
 
+    # call 3: text only, greedy decoding of a fixed number of tokens (random weights never stop)
+    from model import prompts
+    text_pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end,
+                                                               max_new_tokens=args.decode_tokens))
+    pipeline.capture.detach()
+    pipeline = text_pipeline
+    q = prompts.preprocess_expression(EXPRESSION)
+    choice = prompts.choice_prompt(q, ["person"] * 17)
+    row = {"call": f"text (call 3, {args.decode_tokens} new tokens)", "frames": 0, "batch": 1,
+           "tokens": int(adapter.text_inputs(choice)["input_ids"].shape[1]), "visual_tokens": 0,
+           "plain": try_measure(lambda: pipeline.generate_text(choice), args.repeats)}
+    results["calls"].append(row)
+    print(json.dumps(row), flush=True)
+
     if args.expression:
         frames = sample_frames(args.frames_dir, 16)
         for label, overrides in (("ours (streamed, decode calls 1-3)", {}),

@@ -27,6 +27,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 CKPT_HELP = "see ckpts/README.md for where to put checkpoints"
+#: BPE ranks of the Qwen2 vocabulary behind every paper checkpoint; a larger tokenizer is the real one, whose
+#: special-token ids SPEC §3 lists
+QWEN2_BPE_RANKS = 151_643
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,27 @@ def load_rgb(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except OSError as exc:
         raise DecafError(f"cannot decode image {path}: {exc}") from exc
+
+
+def has_real_qwen2_vocab(tokenizer: Any) -> bool:
+    """True for the full Qwen2 vocabulary, where the paper checkpoints' token ids must hold (SPEC §0.3 [ckpt])."""
+    return len(tokenizer) > QWEN2_BPE_RANKS
+
+
+def expand_placeholder(text: str, placeholder: str, replacement: str) -> str:
+    """Replace the one visual placeholder the chat template rendered by the adapter's own token run."""
+    count = text.count(placeholder)
+    if count != 1:
+        # more than one: the expression itself contains the placeholder text, which would become visual tokens
+        raise DecafError(f"the rendered prompt holds {count} {placeholder!r} placeholders instead of one; remove "
+                         f"{placeholder!r} from the expression")
+    return text.replace(placeholder, replacement)
+
+
+def processor_size(processor: Any) -> tuple[int, int]:
+    """(height, width) an image or video processor resizes to (its ``size``: a dict or a ``SizeDict``) [ckpt]."""
+    size = processor.size
+    return int(size["height"]), int(size["width"])
 
 
 def default_attn_implementation() -> str:
