@@ -81,22 +81,40 @@ def sample_frames(folder: Path, count: int) -> list[Path]:
     return [available[(i * step) % len(available)] for i in range(count)]
 
 
-def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-    """Median wall time over ``repeats`` runs after one warm-up, and the peak extra GPU memory."""
-    fn()
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+def measure_modes(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Time several ways of running the same call, interleaved so clock and thermal drift hit them alike.
+
+    Each mode gets one warm-up; then ``repeats`` rounds run every mode once. Reported: median and minimum seconds,
+    and the peak GPU memory above the loaded model (from one extra run per mode).
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for mode, fn in list(fns.items()):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            results[mode] = {"seconds": None, "min_seconds": None, "peak_extra_gib": None, "oom": True}
+            del fns[mode]
+            gc.collect()
+            torch.cuda.empty_cache()
+    times: dict[str, list[float]] = {mode: [] for mode in fns}
     for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        for mode, fn in fns.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[mode].append(time.perf_counter() - start)
+    for mode, fn in fns.items():
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        results[mode] = {"seconds": statistics.median(times[mode]), "min_seconds": min(times[mode]),
+                         "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    return results
 
 
 class Tee:
@@ -132,13 +150,22 @@ def streamed_vs_literal(pipeline: PromptingPipeline, batch) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def try_measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    try:
-        return measure(fn, repeats)
-    except torch.OutOfMemoryError:
-        gc.collect()
-        torch.cuda.empty_cache()
-        return {"seconds": None, "peak_extra_gib": None, "oom": True}
+def measure_one(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    return measure_modes({"only": fn}, repeats)["only"]
+
+
+def time_once(fn: Callable[[], Any]) -> dict[str, Any]:
+    """One timed run (for whole expressions, whose kernels are already compiled by the calls above)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - start,
+            "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
 def main() -> None:
@@ -181,11 +208,13 @@ def main() -> None:
         for name, n_frames, batch in passes:
             row: dict[str, Any] = {"call": name, "frames": n_frames, "batch": int(batch.visual_mask.shape[0]),
                                    "tokens": batch.seq_len, "visual_tokens": int(batch.visual_mask[0].sum())}
+            fns = {}
             for mode in args.modes:
                 if mode == "literal" and batch.seq_len > args.literal_max_tokens:
                     row[mode] = {"seconds": None, "peak_extra_gib": None, "skipped": True}
-                    continue
-                row[mode] = try_measure(lambda: run_call(pipeline, batch, mode), args.repeats)
+                else:
+                    fns[mode] = (lambda m=mode, b=batch: run_call(pipeline, b, m))
+            row.update(measure_modes(fns, args.repeats))
             if batch.seq_len <= args.literal_max_tokens:
                 try:
                     row["rel_error"] = streamed_vs_literal(pipeline, batch)
@@ -197,15 +226,14 @@ def main() -> None:
 
     # call 3: text only, greedy decoding of a fixed number of tokens (random weights never stop)
     from model import prompts
-    text_pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end,
-                                                               max_new_tokens=args.decode_tokens))
     pipeline.capture.detach()
-    pipeline = text_pipeline
+    pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end,
+                                                          max_new_tokens=args.decode_tokens))
     q = prompts.preprocess_expression(EXPRESSION)
     choice = prompts.choice_prompt(q, ["person"] * 17)
     row = {"call": f"text (call 3, {args.decode_tokens} new tokens)", "frames": 0, "batch": 1,
            "tokens": int(adapter.text_inputs(choice)["input_ids"].shape[1]), "visual_tokens": 0,
-           "plain": try_measure(lambda: pipeline.generate_text(choice), args.repeats)}
+           "plain": measure_one(lambda: pipeline.generate_text(choice), args.repeats)}
     results["calls"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -218,7 +246,7 @@ def main() -> None:
                                         max_new_tokens=args.decode_tokens, **overrides)
             pipeline.capture.detach()
             pipeline = PromptingPipeline(adapter, settings)
-            row = {"path": label, **try_measure(lambda: pipeline.run(frames, EXPRESSION), 1)}
+            row = {"path": label, **time_once(lambda: pipeline.run(frames, EXPRESSION))}
             results["expression"].append(row)
             print(json.dumps(row), flush=True)
 
