@@ -1,0 +1,137 @@
+"""DecAF demo: segment what an expression refers to in one video, live, and save a visualisation (SPEC §1.5, §12.5).
+
+Example:
+    python demo.py --video_path assets/sample_clip --exp "the bed" --save_per_frame --save_video
+
+Runs the five MLLM calls (no cache file), fusion, coarse masks and SAM2 prompting on the video, then writes
+``{vis_save_path}/{vid_name}_all.png`` and, as asked, per-frame images, an MP4 and the mask PNGs
+(``{vis_save_path}/{vid_name}/masks/``). ``--video_path`` is a folder of .jpg frames or a video file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Sequence
+
+from model.api import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, Segmenter, SegmentSettings
+from model.atomic import write_manifest
+from model.cli_args import batch_arg, layer_start_arg, prompt_version_arg
+from model.errors import run_cli
+from model.sam2_prompting import sam2_extension_loaded
+from model.visualize import save_outputs
+
+DEFAULTS = SegmentSettings()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag; the description (with its example) as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--video_path", required=True,
+                    help="a folder of .jpg frames (sorted by name) or a video file (MP4 etc., decoded with OpenCV)")
+    io.add_argument("--exp", required=True,
+                    help="the referring expression or question; surrounding whitespace is stripped, and '.' is "
+                         "appended unless it ends with '?' or '.' (SPEC §2.1)")
+    io.add_argument("--vis_save_path", default="./results/decaf_demo/",
+                    help="output folder; the overview is <vis_save_path>/<video name>_all.png")
+    io.add_argument("--save_per_frame", action="store_true",
+                    help="also write half-size per-frame images to <vis_save_path>/<video name>/{img, attn_map, "
+                         "coarse_mask, points} (sampled frames) and sam_mask (every frame)")
+    io.add_argument("--save_video", action="store_true",
+                    help="also write <vis_save_path>/<video name>_sam_mask.mp4: every frame with its SAM2 mask, at "
+                         "the source frame rate of a video file, else 10 fps")
+    io.add_argument("--save_masks", action=argparse.BooleanOptionalAction, default=True,
+                    help="write the SAM2 mask of every frame as a 0/255 PNG to <vis_save_path>/<video name>/masks/")
+
+    models = parser.add_argument_group("models")
+    models.add_argument("--version", default=DEFAULT_MLLM,
+                        help="MLLM checkpoint folder of any supported family (read from its config.json); see "
+                             "ckpts/README.md")
+    models.add_argument("--vision_pretrained", default=DEFAULT_SAM2_CHECKPOINT, help="SAM2 checkpoint file")
+    models.add_argument("--vision_pretrained_config", default=DEFAULT_SAM2_CONFIG,
+                        help="SAM2 config name (SAM 2.0 Hiera-L by default, SPEC §8.1)")
+    models.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="MLLM weight and forward dtype (AWQ checkpoints force fp16); attention maps are "
+                             "always fp32 and SAM2 always runs in fp32")
+    models.add_argument("--attn_implementation", choices=("sdpa", "flash_attention_2"), default=None,
+                        help="kernel of the MLLM's own forward (default: flash_attention_2 if installed, else sdpa)")
+    models.add_argument("--device", default=None, help="torch device of both models (default: cuda if available, "
+                                                       "else cpu)")
+
+    attention = parser.add_argument_group("attention (stage 1, SPEC §13.2)")
+    attention.add_argument("--num_input_frames", type=int, default=DEFAULTS.num_input_frames,
+                           help="N, frames sampled uniformly from the video for the MLLM (SPEC §2.3)")
+    attention.add_argument("--attn_layer_idx_start", type=layer_start_arg, default=DEFAULTS.attn_layer_idx_start,
+                           help="first rollout layer, inclusive; 'auto' = half the LLM depth (SPEC §5.1)")
+    attention.add_argument("--attn_layer_idx_end", type=int, default=DEFAULTS.attn_layer_idx_end,
+                           help="rollout end layer, exclusive; <= 0 means the last layer")
+    attention.add_argument("--attn_max_token", type=int, default=DEFAULTS.attn_max_token,
+                           help="Qwen families: merged visual tokens per video time slot (SPEC §3.1)")
+    attention.add_argument("--attn_resize_scale", type=int, default=DEFAULTS.attn_resize_scale,
+                           help="Qwen families: frame-level images are s× the video frame size per side")
+    attention.add_argument("--attn_max_token_per_image", type=int, default=DEFAULTS.attn_max_token_per_image,
+                           help="Qwen families: if > 0, frame-level images keep their aspect ratio with this token "
+                                "budget instead of the s× rule")
+    attention.add_argument("--max_patches", type=int, default=DEFAULTS.max_patches,
+                           help="InternVL: maximum number of 448-px tiles per frame (SPEC §3.3)")
+    attention.add_argument("--attn_max_batch", type=batch_arg, default=DEFAULTS.attn_max_batch,
+                           help="frame-level conversations per forward pass; only memory changes. 'auto' starts "
+                                "with all frames and halves the chunk on CUDA out-of-memory")
+    attention.add_argument("--prompt_obj_ver", type=prompt_version_arg, default=DEFAULTS.prompt_obj_ver,
+                           help="object-class prompt version 0-3 (paper Table 10; SPEC §4.3)")
+    attention.add_argument("--prompt_bg_ver", type=prompt_version_arg, default=DEFAULTS.prompt_bg_ver,
+                           help="background prompt version 0-3 (paper Table 11)")
+    attention.add_argument("--prompt_obj_cnt_ver", type=prompt_version_arg, default=DEFAULTS.prompt_obj_cnt_ver,
+                           help="object-choice prompt version 0-3 (paper Table 12)")
+
+    sam = parser.add_argument_group("SAM2 prompting (SPEC §8)")
+    sam.add_argument("--point_threshold", type=float, default=DEFAULTS.point_threshold,
+                     help="τ_pq: cells of the fused map with value >= this become SAM2 point prompts (inclusive)")
+    sam.add_argument("--final_score_threshold", type=float, default=DEFAULTS.final_score_threshold,
+                     help="τ_trk: tracklets whose final score is > this value prompt the whole video (strict)")
+
+    testing = parser.add_argument_group("testing knobs (not needed for real checkpoints)")
+    testing.add_argument("--sam2_overrides", nargs="*", default=[], metavar="OVERRIDE",
+                         help="extra Hydra overrides for building SAM2, e.g. '++model.image_size=256' to load the "
+                              "self-test's tiny checkpoint")
+    testing.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens,
+                         help="greedy answer length (SPEC §4.7: 128); lower only for random-weight smoke tests")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = SegmentSettings(**{name: getattr(args, name) for name in SegmentSettings.field_names()})
+    with Segmenter(args.version, args.vision_pretrained, args.vision_pretrained_config, settings=settings,
+                   device=args.device, precision=args.precision, attn_implementation=args.attn_implementation,
+                   sam2_overrides=args.sam2_overrides, progress=True) as segmenter:
+        result = segmenter.segment(args.video_path, args.exp)
+        try:
+            logging.getLogger("decaf.demo").info("writing outputs to %s", args.vis_save_path)
+            outputs = save_outputs(result, args.vis_save_path, per_frame=args.save_per_frame,
+                                   video=args.save_video, masks=args.save_masks)
+            write_manifest(args.vis_save_path, "demo", vars(args),
+                           resolved={"device": segmenter.device, "layer_range": list(segmenter.layer_range),
+                                     "family": segmenter.adapter.family, "model_dtype": str(segmenter.adapter.dtype),
+                                     "attn_implementation": segmenter.adapter.attn_implementation,
+                                     "video_name": result.source.name,
+                                     "frames": len(result.frame_paths), "fps": result.source.fps,
+                                     "key_frame_indices": result.key_frame_indices},
+                           sam2_extension_loaded=sam2_extension_loaded(), texts=result.texts,
+                           degenerate=result.degenerate, timings=result.timings,
+                           outputs={name: str(path) for name, path in outputs.items()})
+        finally:
+            result.close()
+    print(f"object: {result.texts.get('obj_name') or result.texts.get('obj_cls_video')!r}; "
+          f"{len(result.frame_paths)} frames, {len(result.key_frame_indices)} sampled")
+    for name, path in outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

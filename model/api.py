@@ -1,0 +1,400 @@
+"""Python API: segment the object an expression refers to in one video, live (SPEC §1.3, §1.5).
+
+:class:`Segmenter` loads the MLLM and SAM2 once and segments any number of (video, expression) pairs;
+:func:`segment` is the one-call form. Each call runs stage 1 without a cache file (the five MLLM calls, §1.2),
+fusion (§6), coarse masks (§7) and SAM2 prompting (§8), and returns everything the demo visualises
+(:mod:`model.visualize`)::
+
+    from model.api import segment
+    result = segment("assets/sample_clip", "the bed")      # or a video file such as clip.mp4
+    result.masks        # uint8 (F, H₀, W₀), 0/255, one mask per frame of the video
+    result.bool_masks   # the same as bool
+
+A video is a folder of ``.jpg`` frames (listed as SPEC §2.2 says) or a video file (MP4 etc.), whose frames are
+decoded in order with OpenCV into a temporary folder of JPEG files, because the MLLM processors and SAM2 both read
+frame files. The temporary folder lives as long as the result (or until :meth:`SegmentResult.close`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import prompts
+from .adapters import adapter_for_checkpoint
+from .adapters.base import AdapterOptions, VisualBatch, check_checkpoint_files
+from .cli_args import default_device
+from .coarse_masks import coarse_masks
+from .errors import DecafError
+from .fusion import fuse_maps
+from .prompting import PipelineSettings, PromptingPipeline, resolve_layer_range
+from .sam2_prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
+                             sam2_masks)
+from .video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable
+
+log = logging.getLogger("decaf.api")
+
+DEFAULT_MLLM = "ckpts/Qwen2.5-VL-7B-Instruct"
+DEFAULT_SAM2_CHECKPOINT = "ckpts/sam2-hiera-large/sam2_hiera_large.pt"
+DEFAULT_SAM2_CONFIG = "sam2_hiera_l.yaml"
+SAM2_HELP = "see ckpts/README.md for where to put the SAM2 checkpoint"
+#: frames of a decoded video file are named 00000.jpg …: five digits keep the name order the frame order
+MAX_DECODED_FRAMES = 99_999
+JPEG_QUALITY = 95
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Method settings of a live run; the defaults are the demo's (SPEC §1.5, §13.2, §13.3)."""
+
+    num_input_frames: int = 16  # N (§2.3)
+    attn_layer_idx_start: int | str = "auto"  # "auto" = ⌊N_layers/2⌋ (§5.1)
+    attn_layer_idx_end: int = -1  # exclusive; ≤ 0 means the last layer
+    attn_max_token: int = 400  # Qwen families (§3.1)
+    attn_resize_scale: int = 2  # Qwen families (§3.1)
+    attn_max_token_per_image: int = -1  # Qwen families
+    max_patches: int = 12  # InternVL (§3.3)
+    attn_max_batch: int | str = 8  # frame-level conversations per forward (memory only); "auto" halves on OOM
+    prompt_obj_ver: int = 0  # prompt versions (§4.3)
+    prompt_bg_ver: int = 0
+    prompt_obj_cnt_ver: int = 0
+    max_new_tokens: int = 128  # §4.7; lower only for smoke tests of random-weight models
+    point_threshold: float = 0.8  # τ_pq, inclusive (§8.3)
+    final_score_threshold: float = 0.8  # τ_trk, strict (§8.7)
+
+    def __post_init__(self) -> None:
+        if self.num_input_frames < 1:
+            raise DecafError(f"num_input_frames must be positive, got {self.num_input_frames}")
+        if self.attn_max_batch != "auto" and (not isinstance(self.attn_max_batch, int) or self.attn_max_batch < 1):
+            raise DecafError(f"attn_max_batch must be a positive integer or 'auto', got {self.attn_max_batch!r}")
+        if self.attn_layer_idx_start != "auto" and not isinstance(self.attn_layer_idx_start, int):
+            raise DecafError(f"attn_layer_idx_start must be an integer or 'auto', got {self.attn_layer_idx_start!r}")
+        if self.max_new_tokens < 1:
+            raise DecafError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        for name in ("prompt_obj_ver", "prompt_bg_ver", "prompt_obj_cnt_ver"):
+            prompts.check_version(name, getattr(self, name))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+# ------------------------------------------------------------------------------------------------------ video
+def video_name(path: str | os.PathLike) -> str:
+    """``vid_name`` of SPEC §12.5: a folder's name, robust to a trailing ``/`` (§14 #45), or a file's stem."""
+    absolute = Path(os.path.abspath(path))  # normalises "clip/", "clip/." and "."
+    return absolute.stem if absolute.is_file() else absolute.name
+
+
+def decode_video_file(path: Path, folder: Path) -> float | None:
+    """Decode every frame of a video file, in order, with OpenCV into ``folder``/00000.jpg …; return its fps.
+
+    The fps is None when the container does not state a usable one.
+    """
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise DecafError(f"cannot open video file {path} with OpenCV; convert it to MP4 (H.264) or pass a "
+                             f"folder of .jpg frames")
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        count = 0
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if count == MAX_DECODED_FRAMES:
+                raise DecafError(f"{path} has more than {MAX_DECODED_FRAMES} frames; cut it into shorter clips")
+            target = folder / f"{count:05d}.jpg"
+            if not cv2.imwrite(str(target), frame, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
+                raise DecafError(f"cannot write the decoded frame {target}")
+            count += 1
+    finally:
+        capture.release()
+    if count == 0:
+        raise DecafError(f"OpenCV decoded no frame from {path}; is it a video file?")
+    return float(fps) if math.isfinite(fps) and fps > 0 else None
+
+
+@dataclass
+class VideoSource:
+    """The frame files of one input video (SPEC §2.2), decoded from a video file if needed."""
+
+    path: Path  # as given
+    name: str  # vid_name (§12.5)
+    frames: list[Path]  # all F frame files, in order
+    fps: float | None  # the source frame rate of a video file; None for a frame folder
+    _decoded: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, video: str | os.PathLike) -> VideoSource:
+        """A frame folder as it is, or a video file decoded into a temporary frame folder."""
+        path = Path(video)
+        if path.is_dir():
+            return cls(path, video_name(path), list_frames(path), None)
+        if not path.is_file():
+            raise DecafError(f"--video_path {path} is neither a frame folder nor a video file")
+        decoded = tempfile.TemporaryDirectory(prefix="decaf-frames-")
+        try:
+            fps = decode_video_file(path, Path(decoded.name))
+            frames = list_frames(decoded.name)
+        except BaseException:
+            decoded.cleanup()
+            raise
+        log.info("decoded %d frames of %s (%s fps)", len(frames), path, f"{fps:.3f}" if fps else "unknown")
+        return cls(path, video_name(path), frames, fps, decoded)
+
+    @property
+    def is_file(self) -> bool:
+        return self._decoded is not None
+
+    def close(self) -> None:
+        """Remove the temporary frames of a decoded video file (a frame folder is never touched)."""
+        if self._decoded is not None:
+            self._decoded.cleanup()
+
+
+# ----------------------------------------------------------------------------------------------------- result
+@dataclass
+class SegmentResult:
+    """Everything one live run produced (SPEC §1.3). Frame-sized arrays are at the video's size (H₀, W₀)."""
+
+    expression: str  # as segmented: stripped of surrounding whitespace (§1.5); §2.1 applies inside the prompts
+    source: VideoSource  # frame files, vid_name and fps
+    frame_size: tuple[int, int]  # (H₀, W₀)
+    key_frame_indices: list[int]  # k_t, the T sampled frames (§2.3)
+    masks: np.ndarray  # uint8 (F, H₀, W₀), values {0, 255}: the SAM2 masks of every frame (§8.8)
+    phi: torch.Tensor  # Φ, fp32 (T, h_f, w_f) in [0, 1] (§6.6)
+    coarse_masks: np.ndarray  # uint8 (T, H₀, W₀), values {0, 255}: Otsu masks of the sampled frames (§7)
+    candidate_points: list[list[Candidate]]  # per sampled frame (§8.3)
+    texts: dict[str, Any]  # MLLM answers: obj_cls_video, obj_cls_frame, obj_name, … (§12.2 "texts")
+    prompts: dict[str, str | None]  # the filled prompt texts {obj, choice, bg}
+    degenerate: list[str]  # what fell into a degenerate case (§8.9), empty normally
+    num_tracklets: int  # phase-1 tracklets that survived NMS (§8.4)
+    selected_tracklets: list[int]  # the ones that prompted phase 2 (§8.7)
+    timings: dict[str, float]  # seconds per stage
+
+    @property
+    def frame_paths(self) -> list[Path]:
+        return self.source.frames
+
+    @property
+    def frame_names(self) -> list[str]:
+        return [frame_name(path) for path in self.source.frames]
+
+    @property
+    def bool_masks(self) -> np.ndarray:
+        """The SAM2 masks as bool (F, H₀, W₀)."""
+        return self.masks > 0
+
+    def close(self) -> None:
+        """Remove the temporary frames of a decoded video file (after visualising)."""
+        self.source.close()
+
+
+# -------------------------------------------------------------------------------------------------- segmenter
+class _CountedPipeline(PromptingPipeline):
+    """The prompting pipeline with a progress bar that advances after every MLLM forward or generate call."""
+
+    bar: tqdm | None = None
+
+    def _tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def capture_pass(self, batch: VisualBatch, decode: bool) -> tuple[list[torch.Tensor], list[str] | None]:
+        """:meth:`PromptingPipeline.capture_pass`, counted."""
+        result = super().capture_pass(batch, decode)
+        self._tick()
+        return result
+
+    def generate_text(self, prompt: str) -> str:
+        """:meth:`PromptingPipeline.generate_text` (call 3), counted."""
+        result = super().generate_text(prompt)
+        self._tick()
+        return result
+
+
+class Segmenter:
+    """Loads the MLLM and SAM2 once; :meth:`segment` then runs the whole method on any video (SPEC §1.5).
+
+    ``version`` is an MLLM checkpoint folder of any supported family (chosen from its ``config.json``);
+    ``vision_pretrained`` / ``vision_pretrained_config`` the SAM2 checkpoint and config. ``device`` defaults to
+    CUDA when available; ``precision`` is the MLLM dtype (SAM2 always runs in fp32, §0.6). ``sam2_overrides`` are
+    extra Hydra overrides (tests load a 256-px tiny SAM2 with ``++model.image_size=256``). With ``progress``
+    each stage logs a line and stage 1 shows a bar over its MLLM passes.
+
+    The SAM2 image features of the last frame folder stay in CPU memory (about 16 MiB per frame at 1024 px) so
+    that further expressions on it skip the image encoder; :meth:`close` releases them.
+    """
+
+    def __init__(self, version: str | os.PathLike = DEFAULT_MLLM,
+                 vision_pretrained: str | os.PathLike = DEFAULT_SAM2_CHECKPOINT,
+                 vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, *,
+                 settings: SegmentSettings = SegmentSettings(), device: str | None = None,
+                 precision: str = "bf16", attn_implementation: str | None = None,
+                 sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False):
+        self.settings = settings
+        self.progress = progress
+        self.device = device or default_device()
+        # both checkpoints are checked before either is loaded: a missing SAM2 file must not cost a 7B load
+        adapter_class = adapter_for_checkpoint(version)
+        check_checkpoint_files(version)
+        if not Path(vision_pretrained).is_file():
+            raise DecafError(f"SAM2 checkpoint not found: {vision_pretrained}; {SAM2_HELP}")
+        resolve_sam2_config(vision_pretrained_config)  # an unknown config name fails now as well
+        with self._stage(f"loading {Path(version).name} ({adapter_class.__name__}, {precision}) on {self.device}"):
+            options = AdapterOptions(**{f.name: getattr(settings, f.name) for f in fields(AdapterOptions)})
+            self.adapter = adapter_class(version, device=self.device, precision=precision,
+                                         attn_implementation=attn_implementation, options=options)
+        start, end = resolve_layer_range(self.adapter.num_layers, settings.attn_layer_idx_start,
+                                         settings.attn_layer_idx_end)
+        self.pipeline = _CountedPipeline(self.adapter, PipelineSettings(
+            layer_start=start, layer_end=end, obj_version=settings.prompt_obj_ver,
+            bg_version=settings.prompt_bg_ver, choice_version=settings.prompt_obj_cnt_ver,
+            attn_max_batch=settings.attn_max_batch, max_new_tokens=settings.max_new_tokens))
+        with self._stage(f"loading SAM2 {vision_pretrained_config} on {self.device}"):
+            self.predictor = load_sam2_predictor(vision_pretrained_config, vision_pretrained, self.device,
+                                                 hydra_overrides=tuple(sam2_overrides))
+        self._features: FeatureCache | None = None  # image features of the last video, reused for its next call
+
+    # ----- lifecycle -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the attention-capture hooks and drop the cached SAM2 features."""
+        self.pipeline.capture.detach()
+        self._features = None
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        """The resolved rollout layers [start, end) (SPEC §5.1)."""
+        return self.pipeline.settings.layer_start, self.pipeline.settings.layer_end
+
+    @contextlib.contextmanager
+    def _stage(self, description: str, timings: dict[str, float] | None = None,
+               key: str | None = None) -> Iterator[None]:
+        """One log line when a stage starts and one with its duration when it ends."""
+        level = logging.INFO if self.progress else logging.DEBUG
+        log.log(level, "%s …", description)
+        started = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - started
+        if timings is not None and key is not None:
+            timings[key] = elapsed
+        log.log(level, "%s: done in %.1f s", description, elapsed)
+
+    def _stage1_passes(self, num_frames: int) -> int | None:
+        """MLLM forward/generate calls of one expression (SPEC §1.2), for the progress bar."""
+        batch = self.settings.attn_max_batch
+        if batch == "auto":
+            return None
+        chunks = math.ceil(num_frames / int(batch))
+        choice = prompts.background_needs_object_name(self.settings.prompt_bg_ver)
+        return 2 + 2 * chunks + int(choice)
+
+    def _features_for(self, source: VideoSource) -> FeatureCache:
+        """The SAM2 feature cache of a video (SPEC §8.10). A frame folder's is kept for its next expression; a
+        decoded video file's frames are temporary, so its features are not kept."""
+        if self._features is not None and self._features.frame_paths == source.frames:
+            return self._features
+        features = FeatureCache(self.predictor, source.frames, offload_to_cpu=True)
+        self._features = None if source.is_file else features
+        return features
+
+    # ----- one expression ------------------------------------------------------------------------------------
+    def segment(self, video: str | os.PathLike | VideoSource, expression: str) -> SegmentResult:
+        """Segment ``expression`` in ``video`` (a frame folder, a video file or an opened :class:`VideoSource`).
+
+        The expression is stripped of surrounding whitespace first (SPEC §1.5), then preprocessed as in §2.1.
+        """
+        expression = expression.strip()
+        if not expression:
+            raise DecafError("the expression is empty; give the object to segment, e.g. --exp \"the dog\"")
+        source = video if isinstance(video, VideoSource) else VideoSource.open(video)
+        try:
+            return self._segment(source, expression)
+        except BaseException:
+            if source is not video:
+                source.close()
+            raise
+
+    def _segment(self, source: VideoSource, expression: str) -> SegmentResult:
+        s = self.settings
+        timings: dict[str, float] = {}
+        frames = source.frames
+        frame_size = check_frame_sizes(frames)  # §2.4
+        keys = sample_indices(len(frames), s.num_input_frames)  # §2.3
+        sampled = [frames[k] for k in keys]
+        for path in sampled:
+            verify_decodable(path)
+
+        with self._stage(f"stage 1: MLLM calls on {len(keys)} of {len(frames)} frames", timings, "stage1"), \
+                tqdm(total=self._stage1_passes(len(keys)), desc="stage 1 (MLLM passes)", unit="pass",
+                     disable=not self.progress, dynamic_ncols=True, leave=False) as bar:
+            self.pipeline.bar = bar
+            try:
+                maps = self.pipeline.run(sampled, expression)
+            finally:
+                self.pipeline.bar = None
+        log.log(logging.INFO if self.progress else logging.DEBUG, "MLLM answers: video %r, object name %r",
+                maps.texts.get("obj_cls_video"), maps.texts.get("obj_name"))
+
+        degenerate: list[str] = []
+        with self._stage("fusion and coarse masks", timings, "fusion"):
+            phi = fuse_maps(maps.maps["obj_video"], maps.maps["obj_frame"], maps.maps.get("bg_video"),
+                            maps.maps.get("bg_frame"), key_frame_count=len(keys))  # §6
+            coarse = coarse_masks(phi, frame_size)  # §7
+            points = candidate_points(phi, s.point_threshold)  # §8.3
+        if not bool(phi.max() > 0):
+            degenerate.append("the fused map is all zero: the coarse masks are empty")
+
+        with self._stage(f"SAM2 on {len(frames)} frames", timings, "sam2"):
+            sam = sam2_masks(self.predictor, phi, frames, keys, point_threshold=s.point_threshold,
+                             final_score_threshold=s.final_score_threshold, features=self._features_for(source))
+        if sam.degenerate:
+            degenerate.append(f"{sam.degenerate}: the SAM2 masks are empty (SPEC §8.9)")
+        for reason in degenerate:
+            log.warning("%s / %r: %s", source.name, expression, reason)
+        return SegmentResult(
+            expression=expression, source=source, frame_size=frame_size, key_frame_indices=keys,
+            masks=sam.masks, phi=phi, coarse_masks=coarse, candidate_points=points, texts=maps.texts,
+            prompts=maps.prompts, degenerate=degenerate, num_tracklets=sam.num_tracklets,
+            selected_tracklets=sam.selected, timings=timings)
+
+
+def segment(video: str | os.PathLike, expression: str, *, version: str | os.PathLike = DEFAULT_MLLM,
+            vision_pretrained: str | os.PathLike = DEFAULT_SAM2_CHECKPOINT,
+            vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, device: str | None = None,
+            precision: str = "bf16", attn_implementation: str | None = None,
+            sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False,
+            **settings: Any) -> SegmentResult:
+    """Load the models, segment ``expression`` in ``video`` and release the models (SPEC §1.5).
+
+    ``settings`` are fields of :class:`SegmentSettings` (``num_input_frames=16``, ``attn_layer_idx_start="auto"``,
+    ``attn_max_token=400``, ``attn_resize_scale=2``, ``attn_max_batch=8``, ``point_threshold=0.8``,
+    ``final_score_threshold=0.8``, …). To segment several pairs, keep one :class:`Segmenter` instead.
+    Returns a :class:`SegmentResult`; ``result.masks`` is uint8 (F, H₀, W₀) with values {0, 255} for every frame.
+    """
+    unknown = sorted(set(settings) - set(SegmentSettings.field_names()))
+    if unknown:
+        raise TypeError(f"segment() got unknown settings {unknown}; valid: {', '.join(SegmentSettings.field_names())}")
+    with Segmenter(version, vision_pretrained, vision_pretrained_config, settings=SegmentSettings(**settings),
+                   device=device, precision=precision, attn_implementation=attn_implementation,
+                   sam2_overrides=sam2_overrides, progress=progress) as segmenter:
+        return segmenter.segment(video, expression)
