@@ -15,7 +15,7 @@ import logging
 import os
 import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -44,6 +44,7 @@ class Job:
     exp_id: str
     expression: str
     frames_dir: Path
+    meta_frames: tuple[str, ...] = field(default=(), compare=False, repr=False)  # meta["frames"] (SPEC §10.1)
 
     @property
     def job_id(self) -> str:
@@ -151,10 +152,12 @@ def jobs_from_meta(dataset: str, meta: Mapping, frames_root: Path, meta_path: Pa
     for video_key in meta:
         entry = _video_entry(meta, video_key, meta_path)
         vid_name = str(entry["vid_id"]) if "vid_id" in entry else video_key
+        meta_frames = tuple(str(name) for name in entry["frames"])
         for exp_id, exp in entry["expressions"].items():
-            if not isinstance(exp, dict) or "exp" not in exp:
+            if not isinstance(exp, dict) or not isinstance(exp.get("exp"), str):
                 raise DecafError(f"meta file {meta_path}: expression {video_key}/{exp_id} has no 'exp' text")
-            jobs.append(Job(dataset, video_key, vid_name, str(exp_id), exp["exp"], frames_root / video_key))
+            jobs.append(Job(dataset, video_key, vid_name, str(exp_id), exp["exp"], frames_root / video_key,
+                            meta_frames))
     return jobs
 
 
@@ -171,25 +174,36 @@ def _drop_ytvos_test_videos(meta: dict, data_root: Path) -> dict:
     return meta
 
 
-def check_meta_frames(video_key: str, meta_frames: Sequence[str], frames_dir: Path) -> None:
+def frame_mismatch(video_key: str, meta_frames: Sequence[str], frames: Sequence[Path], frames_dir: Path,
+                   meta_path: Path | str) -> str | None:
+    """How the meta frame names differ from the frame files' names (SPEC §2.2, §10.1), or None if they agree."""
+    on_disk = [frame_name(p) for p in frames]
+    if list(meta_frames) == on_disk:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(meta_frames, on_disk)) if a != b),
+                 min(len(meta_frames), len(on_disk)))
+    meta_name = meta_frames[first] if first < len(meta_frames) else "<end>"
+    disk_name = on_disk[first] if first < len(on_disk) else "<end>"
+    return (f"video {video_key}: meta lists {len(meta_frames)} frames but {frames_dir} holds {len(on_disk)} .jpg "
+            f"frames; first difference at position {first}: meta {meta_name!r} vs folder {disk_name!r} (meta file "
+            f"{meta_path})")
+
+
+def check_meta_frames(video_key: str, meta_frames: Sequence[str], frames_dir: Path,
+                      meta_path: Path | str = "meta") -> None:
     """Meta frame names must equal the frame names of SPEC §2.2, in order (SPEC §10.1)."""
-    on_disk = [frame_name(p) for p in list_frames(frames_dir)]
-    if list(meta_frames) != on_disk:
-        first = next((i for i, (a, b) in enumerate(zip(meta_frames, on_disk)) if a != b),
-                     min(len(meta_frames), len(on_disk)))
-        meta_name = meta_frames[first] if first < len(meta_frames) else "<end>"
-        disk_name = on_disk[first] if first < len(on_disk) else "<end>"
-        raise DecafError(
-            f"video {video_key}: meta lists {len(meta_frames)} frames but {frames_dir} holds {len(on_disk)} .jpg "
-            f"frames; first difference at position {first}: meta {meta_name!r} vs folder {disk_name!r}")
+    problem = frame_mismatch(video_key, meta_frames, list_frames(frames_dir), frames_dir, meta_path)
+    if problem:
+        raise DecafError(problem)
 
 
 def list_jobs(dataset: str, data_root: str | Path | None = None, testset: bool = False, *,
-              check_frames: bool = False) -> list[Job]:
+              check_frames: bool = False, skipped: list[tuple[str, str]] | None = None) -> list[Job]:
     """The full job list of SPEC §10.9: videos in meta order, then expression ids in meta order.
 
     Ref-YouTube-VOS test videos are dropped first (§10.6). A video whose frame folder is missing is skipped with a
-    warning. With ``check_frames`` the meta frame names are compared with the frame files (§10.1, §2.2).
+    warning, and ``(video key, reason)`` is appended to ``skipped`` when given (for the run manifest). With
+    ``check_frames`` the meta frame names are compared with the frame files (§10.1, §2.2).
     """
     root = Path(data_root) if data_root is not None else default_data_root()
     files = dataset_files(dataset, root, testset)
@@ -198,13 +212,17 @@ def list_jobs(dataset: str, data_root: str | Path | None = None, testset: bool =
         meta = _drop_ytvos_test_videos(meta, root)
     missing = [key for key in meta if not (files.frames_root / key).is_dir()]
     for key in missing:
-        log.warning("video %s: frame folder %s not found; skipping its expressions", key, files.frames_root / key)
-    skipped = set(missing)
-    present = {key: entry for key, entry in meta.items() if key not in skipped}
+        reason = f"frame folder {files.frames_root / key} not found"
+        log.warning("video %s: %s; skipping its expressions", key, reason)
+        if skipped is not None:
+            skipped.append((key, reason))
+    absent = set(missing)
+    present = {key: entry for key, entry in meta.items() if key not in absent}
     jobs = jobs_from_meta(dataset, present, files.frames_root, files.meta)
     if check_frames:
         for key in present:
-            check_meta_frames(key, _video_entry(present, key, files.meta)["frames"], files.frames_root / key)
+            check_meta_frames(key, _video_entry(present, key, files.meta)["frames"], files.frames_root / key,
+                              files.meta)
     return jobs
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from .atomic import atomic_write
 from .errors import DecafError
@@ -72,8 +72,11 @@ def save_cache(path: str | os.PathLike, maps: Mapping[str, torch.Tensor], meta: 
     record = {"format_version": FORMAT_VERSION, **meta}
     metadata = {METADATA_KEY: json.dumps(record, ensure_ascii=False)}
 
+    # serialised in memory and written by Python, so a full disk raises an OSError that names the file
+    data = serialize(tensors, metadata=metadata)
+
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
         load_cache(tmp)  # never rename a file that would not load
 
     return atomic_write(path, write)

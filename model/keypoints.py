@@ -1,13 +1,14 @@
 """Keypoints: the highest cells of Φ as (frame index, relative y, relative x, score) (SPEC §9.1–§9.2)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write_bytes
 from .errors import DecafError
 
 NUM_KEYPOINTS = 100
@@ -40,5 +41,8 @@ def save_keypoints(path: str | os.PathLike, keypoints: torch.Tensor) -> Path:
     """Write ``keypoints.pt`` atomically with ``torch.save`` (SPEC §9.2, §12.6); loads with ``weights_only=True``."""
     if keypoints.dim() != 2 or keypoints.shape[1] != 4 or keypoints.dtype != torch.float32:
         raise ValueError(f"keypoints must be a (K, 4) float32 tensor, got {tuple(keypoints.shape)} {keypoints.dtype}")
-    tensor = keypoints.detach().to("cpu").contiguous().clone()
-    return atomic_write(path, lambda tmp: torch.save(tensor, tmp))
+    # serialised in memory: torch.save names its archive records after the file it writes (here a temporary
+    # name), so the file would differ from run to run; in memory the bytes are reproducible
+    buffer = io.BytesIO()
+    torch.save(keypoints.detach().to("cpu").contiguous().clone(), buffer)
+    return atomic_write_bytes(path, buffer.getvalue())

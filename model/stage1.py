@@ -2,27 +2,29 @@
 
 Shared by every ``evaluation/inference_attn_map_<family>.py``: each script only names its adapter class and the
 family flags it accepts. Jobs are sharded over the full list first and finished jobs skipped afterwards (§10.9); an
-existing cache is trusted only if it validates and was made with the same settings (§12.2).
+existing cache is trusted only if it validates and was made with the same settings (§12.2). Each job is computed
+under a claim (:func:`model.atomic.output_claim`), so concurrent processes on one cache folder never compute a
+job twice. Everything a run needs (checkpoint files, a writable cache folder) is checked before any job starts.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .adapters.base import (AdapterOptions, MLLMAdapter, default_attn_implementation, layer_count,
-                            read_checkpoint_config)
-from .atomic import library_versions, write_manifest
+from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files, default_attn_implementation,
+                            layer_count, read_checkpoint_config)
+from .atomic import check_writable_folder, library_versions, output_claim
 from .cache import load_cache, save_cache, setting_mismatches
 from .cli_args import add_job_args, add_run_folder_args, batch_arg, default_device, model_name_of
-from .errors import EXIT_JOBS_FAILED, DecafError
+from .errors import DecafError
 from .paths import cache_file_name, cache_folder, run_folder
 from .prompting import PipelineSettings, PromptingPipeline, resolve_layer_range
+from .run_record import RunRecord
 from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.stage1")
@@ -124,6 +126,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
                 else "; no DecAF adapter supports it")
         raise DecafError(f"checkpoint {args.version} is a {model_type!r} model; this script handles "
                          f"{sorted(adapter_class.model_types)}{hint}")
+    check_checkpoint_files(args.version)  # weights, processor and tokenizer present: an incomplete download fails now
     family = adapter_class.model_types[model_type]
     num_layers = layer_count(config)
     start, end = resolve_layer_range(num_layers, args.attn_layer_idx_start, args.attn_layer_idx_end)
@@ -131,30 +134,38 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     folder = Path(args.attn_save_path) if args.attn_save_path else cache_folder(
         model_name_of(args), run_folder(args.num_input_frames, start, args.attn_layer_idx_end, versions,
                                         obj_only=args.no_background), args.dataset, args.testset)
+    check_writable_folder(folder)
     options = AdapterOptions(**{name: getattr(args, name) for name in family_flags})
     device = args.device or default_device()
     attn_impl = args.attn_implementation or default_attn_implementation()
     resolution = {name: getattr(options, name) for name in FAMILY_FLAGS}
 
     subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)
-    jobs = shard_jobs(list_jobs(args.dataset, args.data_root, args.testset), subset_num, subset_idx)
+    skipped: list[tuple[str, str]] = []
+    jobs = shard_jobs(list_jobs(args.dataset, args.data_root, args.testset, skipped=skipped), subset_num, subset_idx)
     expected = expected_meta(args, family, num_layers, start, end, resolution)
-    failures: list[dict[str, str]] = []
-    pending = []
+    pending, finished_before, unusable = [], 0, []
     for job in jobs:
         path = folder / cache_file_name(job.vid_name, job.exp_id)
         try:
-            if not finished(path, expected, args.overwrite):
+            if finished(path, expected, args.overwrite):
+                finished_before += 1
+            else:
                 pending.append((job, path))
-        except DecafError as exc:
-            failures.append({"job": job.job_id, "error": str(exc)})
-            log.error("%s: %s", job.job_id, exc)
+        except DecafError as exc:  # a corrupt cache or one made with other settings (§12.2)
+            unusable.append((job, exc))
     log.info("shard %d/%d: %d jobs, %d to run, cache folder %s", subset_idx, subset_num, len(jobs), len(pending),
              folder)
 
-    if pending and not (failures and args.fail_fast):
+    adapter = None
+    if pending and not (unusable and args.fail_fast):  # the model loads only when there is work, before the bar
         adapter = adapter_class(args.version, device=device, precision=args.precision, attn_implementation=attn_impl,
                                 options=options)
+    record = RunRecord(len(jobs), f"stage 1 [{args.dataset}]", args.fail_fast, skipped)
+    record.skip(finished_before)
+    for job, exc in unusable:
+        record.fail(job, exc)
+    if adapter is not None and not record.stopped:
         settings = PipelineSettings(
             layer_start=start, layer_end=end, obj_version=args.prompt_obj_ver, bg_version=args.prompt_bg_ver,
             choice_version=args.prompt_obj_cnt_ver, attn_max_batch=args.attn_max_batch,
@@ -163,26 +174,33 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
             no_background=args.no_background, save_bg_captions=args.save_bg_captions,
             max_new_tokens=args.max_new_tokens)
         pipeline = PromptingPipeline(adapter, settings)
-        for job, path in tqdm(pending, desc=f"stage 1 [{args.dataset}]", unit="expr", dynamic_ncols=True):
-            try:
-                run_job(pipeline, job, path, args, num_layers)
-            except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
-                message = str(exc) if isinstance(exc, DecafError) else f"{type(exc).__name__}: {exc}"
-                log.error("%s failed: %s", job.job_id, message)
-                if not isinstance(exc, DecafError):
-                    log.debug("%s", traceback.format_exc())
-                failures.append({"job": job.job_id, "error": message, "traceback": traceback.format_exc()})
-                if args.fail_fast:
+        with logging_redirect_tqdm():
+            for job, path in pending:
+                if record.stopped:
                     break
+                run_claimed_job(pipeline, job, path, args, num_layers, expected, record)
 
-    write_manifest(folder, "attn-map", vars(args), resolved={
+    return record.close([folder], "attn-map", args, resolved={
         "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
-        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)},
-        jobs=len(jobs), failed=failures)
-    if failures:
-        log.error("%d of %d jobs failed; see the manifest in %s", len(failures), len(jobs), folder)
-        return EXIT_JOBS_FAILED
-    return 0
+        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)})
+
+
+def run_claimed_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int,
+                    expected: dict[str, Any], record: RunRecord) -> None:
+    """One job under its claim: left to a process that holds it, skipped if finished meanwhile, else computed."""
+    try:
+        with output_claim(path) as claimed:
+            if not claimed:
+                record.elsewhere(job)
+                return
+            if finished(path, expected, args.overwrite):  # another process completed it since the listing
+                record.skip()
+                return
+            run_job(pipeline, job, path, args, num_layers)
+    except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
+        record.fail(job, exc)
+    else:
+        record.succeed(job, path.name)
 
 
 def run_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int) -> Path:

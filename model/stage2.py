@@ -3,7 +3,9 @@
 Both commands read one attention cache per job, check it against the frame folder as it is now (§12.2), fuse it
 into Φ (§6) and write their outputs atomically (§12.6). Jobs are sharded over the full list first and finished
 jobs skipped inside the shard (§10.9); they run grouped by video, so the SAM2 image features of a video are
-computed once for all its expressions (§8.10). The model family always comes from the cache (§14 #27).
+computed once for all its expressions (§8.10). Each output is computed under a claim
+(:func:`model.atomic.output_claim`), so concurrent processes on one output folder never compute it twice. The model
+family always comes from the cache (§14 #27).
 
 The scripts ``inference_attn_mask.py`` and ``inference_keypoints.py`` call :func:`mask_main` and
 :func:`keypoint_main`; :func:`run_mask_job` and :func:`run_keypoint_job` are the per-job Python API. SAM2 (and
@@ -12,27 +14,28 @@ its Hydra stack) is imported only when SAM masks are asked for, so coarse masks 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from evaluation.rvos_datasets import Job, group_by_video, list_jobs, shard_from_env, shard_jobs
+from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
+                                      shard_jobs)
 
-from .atomic import atomic_directory, write_manifest
+from .atomic import atomic_directory, check_writable_folder, output_claim
 from .cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
 from .cli_args import add_job_args, add_run_folder_args, default_device, model_name_of
 from .coarse_masks import coarse_masks
-from .errors import EXIT_JOBS_FAILED, DecafError
+from .errors import DecafError
 from .fusion import FUSION_MODES, fuse_cache
 from .keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
 from .paths import DEFAULT_THRESHOLD, cache_file_name, cache_folder, output_folder, output_kind, run_folder
+from .run_record import RunRecord
 from .video import check_frame_sizes, frame_name, list_frames, read_frame_size, sample_indices
 
 log = logging.getLogger("decaf.stage2")
@@ -272,9 +275,12 @@ def write_mask_folder(folder: str | Path, names: Sequence[str], masks: np.ndarra
         raise ValueError(f"{len(masks)} masks for {len(names)} frame names")
     with atomic_directory(folder) as tmp:
         for name, mask in zip(names, masks):
-            target = tmp / f"{name}.png"
-            if not cv2.imwrite(str(target), np.ascontiguousarray(mask, dtype=np.uint8)):
-                raise DecafError(f"cannot write {Path(folder) / target.name}")
+            # encoded in memory (the bytes cv2.imwrite writes) and written by Python, so a full disk raises an
+            # OSError with its reason
+            ok, png = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8))
+            if not ok:
+                raise DecafError(f"cannot encode {Path(folder) / name}.png")
+            (tmp / f"{name}.png").write_bytes(png.tobytes())
     return Path(folder)
 
 
@@ -347,59 +353,10 @@ def mask_folder_finished(folder: Path, expected: int) -> bool:
     return True
 
 
-class RunRecord:
-    """The one progress bar of a run, its failures and degenerate jobs, and the manifest (§10.9, §12.6)."""
-
-    def __init__(self, total: int, description: str, fail_fast: bool):
-        self.bar = tqdm(total=total, desc=description, unit="job", dynamic_ncols=True)
-        self.fail_fast = fail_fast
-        self.failures: list[dict[str, str]] = []
-        self.degenerate: list[dict[str, str]] = []
-        self.finished_before = 0
-        self.done = 0
-
-    @property
-    def stopped(self) -> bool:
-        return self.fail_fast and bool(self.failures)
-
-    def skip(self) -> None:
-        self.finished_before += 1
-        self.bar.update(1)
-
-    def fail(self, job: Job, exc: BaseException) -> None:
-        message = str(exc) if isinstance(exc, DecafError) else f"{type(exc).__name__}: {exc}"
-        trace = traceback.format_exc()
-        if isinstance(exc, DecafError):
-            log.error("%s failed: %s", job.job_id, message)  # an actionable one-liner; the trace is in the manifest
-        else:
-            log.error("%s failed: %s\n%s", job.job_id, message, trace)
-        self.failures.append({"job": job.job_id, "error": message, "traceback": trace})
-        self.bar.update(1)
-
-    def succeed(self, job: Job, outcome: JobOutcome) -> None:
-        self.done += 1
-        for reason in outcome.degenerate:
-            log.warning("%s: degenerate: %s", job.job_id, reason)
-            self.degenerate.append({"job": job.job_id, "reason": reason})
-        log.info("%s done: %s", job.job_id, outcome.summary)
-        self.bar.update(1)
-
-    def close(self, folders: Sequence[Path], command: str, args: argparse.Namespace, **extra: Any) -> int:
-        self.bar.close()
-        for folder in dict.fromkeys(folders):
-            write_manifest(folder, command, vars(args), **extra,
-                           jobs={"in_shard": self.bar.total, "finished_before": self.finished_before,
-                                 "done": self.done, "failed": len(self.failures)},
-                           failures=self.failures, degenerate=self.degenerate)
-        if self.failures:
-            log.error("%d job(s) failed; see the manifest in %s", len(self.failures), folders[0])
-            return EXIT_JOBS_FAILED
-        return 0
-
-
-def _shard(args: argparse.Namespace) -> tuple[list[Job], int, int]:
+def _shard(args: argparse.Namespace, skipped: list[tuple[str, str]]) -> tuple[list[Job], int, int]:
+    """This process's shard of the full job list; videos without a frame folder are appended to ``skipped``."""
     subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)
-    jobs = shard_jobs(list_jobs(args.dataset, args.data_root, args.testset), subset_num, subset_idx)
+    jobs = shard_jobs(list_jobs(args.dataset, args.data_root, args.testset, skipped=skipped), subset_num, subset_idx)
     return jobs, subset_num, subset_idx
 
 
@@ -429,16 +386,20 @@ def mask_main(argv: Sequence[str] | None = None) -> int:
     layout = resolve_layout(args, settings, kinds, args.point_threshold, args.final_score_threshold)
     device = args.device or default_device()
     sam, extension = load_sam(args, device) if args.predict_sam_mask else (None, None)
-    jobs, subset_num, subset_idx = _shard(args)
+    for folder in layout.outputs.values():
+        check_writable_folder(folder)
+    skipped: list[tuple[str, str]] = []
+    jobs, subset_num, subset_idx = _shard(args, skipped)
     log.info("shard %d/%d: %d jobs; caches from %s; outputs to %s", subset_idx, subset_num, len(jobs),
              layout.cache_dirs[0], ", ".join(str(p) for p in layout.outputs.values()))
 
-    record = RunRecord(len(jobs), f"stage 2 [{args.dataset}]", args.fail_fast)
+    record = RunRecord(len(jobs), f"stage 2 [{args.dataset}]", args.fail_fast, skipped)
+    meta_path = dataset_files(args.dataset, args.data_root, args.testset).meta
     with logging_redirect_tqdm():
         for group in group_by_video(jobs):
             if record.stopped:
                 break
-            _run_mask_video(group, args, settings, layout, sam, record)
+            _run_mask_video(group, args, settings, layout, sam, record, meta_path)
     return record.close(list(layout.outputs.values()), "attn-mask", args,
                         resolved={"layer_start": settings.layer_start, "num_layers": settings.num_layers,
                                   "device": device, "subset_num": subset_num, "subset_idx": subset_idx,
@@ -448,7 +409,7 @@ def mask_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSettings, layout: Layout,
-                    sam: SamPrompting | None, record: RunRecord) -> None:
+                    sam: SamPrompting | None, record: RunRecord, meta_path: Path) -> None:
     """All jobs of one video: skip the finished ones, share the frames and the SAM2 features among the rest."""
     try:
         frames = list_frames(group[0].frames_dir)
@@ -456,6 +417,11 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
         for job in group:
             record.fail(job, exc)
         return
+    first = group[0]
+    mismatch = (frame_mismatch(first.video_key, first.meta_frames, frames, first.frames_dir, meta_path)
+                if first.meta_frames else None)
+    if mismatch:  # the reference ran such videos too (SPEC §9.4); the evaluators will miss the PNGs
+        record.warn(f"{mismatch}; PNGs are named after the frame files, the evaluators read the meta frames")
     expected = {ATTN_MASK: min(len(frames), settings.num_input_frames), SAM_MASK: len(frames)}
     todo = []
     for job in group:
@@ -483,13 +449,25 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
         if record.stopped:
             return
         try:
-            outcome = run_mask_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
-                                   attn_mask_dir=missing.get(ATTN_MASK), sam_mask_dir=missing.get(SAM_MASK),
-                                   sam=sam, features=features, job=job)
+            with contextlib.ExitStack() as claims:
+                claimed = {kind: folder for kind, folder in missing.items()
+                           if claims.enter_context(output_claim(folder))}
+                if not claimed:
+                    record.elsewhere(job)
+                    continue
+                # another process may have finished them since the listing
+                todo_kinds = {kind: folder for kind, folder in claimed.items()
+                              if args.overwrite or not mask_folder_finished(folder, expected[kind])}
+                if not todo_kinds:
+                    record.skip()
+                    continue
+                outcome = run_mask_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
+                                       attn_mask_dir=todo_kinds.get(ATTN_MASK), sam_mask_dir=todo_kinds.get(SAM_MASK),
+                                       sam=sam, features=features, job=job)
         except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
             record.fail(job, exc)
         else:
-            record.succeed(job, outcome)
+            record.succeed(job, outcome.summary, outcome.degenerate)
 
 
 def keypoint_main(argv: Sequence[str] | None = None) -> int:
@@ -498,12 +476,13 @@ def keypoint_main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     settings = resolve_run_settings(args)
     layout = resolve_layout(args, settings, [KEYPOINT])
-    out_root = layout.outputs[KEYPOINT]
-    jobs, subset_num, subset_idx = _shard(args)
+    out_root = check_writable_folder(layout.outputs[KEYPOINT])
+    skipped: list[tuple[str, str]] = []
+    jobs, subset_num, subset_idx = _shard(args, skipped)
     log.info("shard %d/%d: %d jobs; caches from %s; keypoints to %s", subset_idx, subset_num, len(jobs),
              layout.cache_dirs[0], out_root)
 
-    record = RunRecord(len(jobs), f"keypoints [{args.dataset}]", args.fail_fast)
+    record = RunRecord(len(jobs), f"keypoints [{args.dataset}]", args.fail_fast, skipped)
     with logging_redirect_tqdm():
         for group in group_by_video(jobs):
             todo = [job for job in group
@@ -523,13 +502,21 @@ def keypoint_main(argv: Sequence[str] | None = None) -> int:
             for job in todo:
                 if record.stopped:
                     break
+                output = out_root / job.video_key / job.exp_id / KEYPOINTS_FILE
                 try:
-                    outcome = run_keypoint_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
-                                               out_root / job.video_key / job.exp_id / KEYPOINTS_FILE, job=job)
+                    with output_claim(output) as claimed:
+                        if not claimed:
+                            record.elsewhere(job)
+                            continue
+                        if not args.overwrite and output.is_file():  # finished by another process meanwhile
+                            record.skip()
+                            continue
+                        outcome = run_keypoint_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
+                                                   output, job=job)
                 except Exception as exc:
                     record.fail(job, exc)
                 else:
-                    record.succeed(job, outcome)
+                    record.succeed(job, outcome.summary, outcome.degenerate)
     return record.close([out_root], "keypoints", args,
                         resolved={"layer_start": settings.layer_start, "num_layers": settings.num_layers,
                                   "subset_num": subset_num, "subset_idx": subset_idx,

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import DecafError
@@ -182,7 +183,7 @@ class MLLMAdapter(ABC):
             kwargs["device_map"] = str(self.device)
         try:
             model = self._model_class().from_pretrained(str(checkpoint), **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a damaged weight file
             raise DecafError(f"cannot load the model from {checkpoint}: {str(exc).splitlines()[0]}") from exc
         return model.to(self.device).eval()
 
