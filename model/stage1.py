@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .adapters import extraction_script
 from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files, default_attn_implementation,
                             layer_count, read_checkpoint_config)
 from .atomic import check_writable_folder, library_versions, output_claim
@@ -35,16 +36,8 @@ FAMILY_FLAGS = {
     "attn_resize_scale": (int, 2, "Qwen families: frame-level images are s× the video frame size per side "
                                   "(SPEC §3.1)"),
     "attn_max_token_per_image": (int, -1, "Qwen families: if > 0, frame-level images keep their aspect ratio with "
-                                          "max_pixels = value·28² instead of the s× rule"),
+                                          "max_pixels = value·28² (·32² for Qwen3-VL) instead of the s× rule"),
     "max_patches": (int, 12, "InternVL: maximum number of 448-px tiles per frame (SPEC §3.3)"),
-}
-
-
-#: the extraction script of each checkpoint ``model_type``, named when a checkpoint reaches the wrong script
-SCRIPT_OF_MODEL_TYPE = {
-    "qwen2_vl": "inference_attn_map_qwenvl.py", "qwen2_5_vl": "inference_attn_map_qwenvl.py",
-    "qwen3_vl": "inference_attn_map_qwen3vl.py", "qwen3_vl_moe": "inference_attn_map_qwen3vl.py",
-    "llava_onevision": "inference_attn_map_llavaov.py", "internvl": "inference_attn_map_internvl.py",
 }
 
 
@@ -122,8 +115,8 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     config = read_checkpoint_config(args.version)  # fails now, before any job, for a missing checkpoint
     model_type = config.get("model_type")
     if model_type not in adapter_class.model_types:
-        hint = (f"; use evaluation/{SCRIPT_OF_MODEL_TYPE[model_type]}" if model_type in SCRIPT_OF_MODEL_TYPE
-                else "; no DecAF adapter supports it")
+        script = extraction_script(model_type)
+        hint = f"; use {script}" if script else "; no DecAF adapter supports it"
         raise DecafError(f"checkpoint {args.version} is a {model_type!r} model; this script handles "
                          f"{sorted(adapter_class.model_types)}{hint}")
     check_checkpoint_files(args.version)  # weights, processor and tokenizer present: an incomplete download fails now

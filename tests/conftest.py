@@ -1,14 +1,27 @@
 """Shared test fixtures: real frames from ../shared/data, copied into temporary folders."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: ../shared/data beside the checkout; DECAF_SHARED_DATA points elsewhere (e.g. a copy carried to a GPU machine)
+SHARED_DATA = Path(os.environ.get("DECAF_SHARED_DATA") or REPO.parent / "shared" / "data")
 BEDROOM = SHARED_DATA / "videos" / "bedroom"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for running the project's scripts in a subprocess.
+
+    The repository goes first on ``PYTHONPATH`` (an existing ``PYTHONPATH`` is kept, so packages installed with
+    ``--target`` still import), and torch uses one thread: several test processes share few cores, and idle
+    OpenMP threads spin-wait.
+    """
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
 
 
 def copy_frames(dest: Path, count: int, start: int = 0, step: int = 1) -> list[Path]:

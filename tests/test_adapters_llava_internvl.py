@@ -152,8 +152,10 @@ def test_llava_frame_has_no_base_image_and_no_newline_column(adapters, tmp_path)
     # stock layout: 729 base features, then 46 rows of 81 unpadded features + 1 newline each
     unpadded = stock[729:].reshape(46, 82, -1)
     assert torch.equal(unpadded[:, 81], adapter.model.model.image_newline.expand(46, -1))
+    # the stock call encodes the base image with the tiles in one batch, ours the tiles alone: the same fp32
+    # features up to the order of floating-point sums (seen up to 1.3e-6 on another CPU's BLAS)
     torch.testing.assert_close(batch.inputs["inputs_embeds"][0][visual], unpadded[:, :81].reshape(46 * 81, -1),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_llava_frames_must_share_frame_zeros_size(adapters, tmp_path):

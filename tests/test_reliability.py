@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import resource
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
+from conftest import BEDROOM, REPO, subprocess_env
 from evaluation import eval_rvos
 from evaluation import inference_attn_map_qwenvl as stage1_script
 from model.adapters.base import AdapterOptions
@@ -51,18 +50,14 @@ DONE_LINE = re.compile(r"decaf\.run: (\S+) done:")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def script_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
 def run(script: str, args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=script_env(),
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def start(script: str, args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, env=script_env(),
+        return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, env=subprocess_env(),
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -274,7 +269,7 @@ def test_shards_started_at_different_times_compute_every_job_once(work, bench, c
     holder_log = work / "holder.log"
     with open(holder_log, "wb") as out:
         holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(folder / cache_name(held))], cwd=REPO,
-                                  env=script_env(), stdout=out, stderr=subprocess.STDOUT)
+                                  env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(holder_log, "claimed", holder)
         procs = {}
@@ -332,7 +327,7 @@ def test_claim_dies_with_its_process(tmp_path):
     target = tmp_path / "out" / "job.safetensors"
     log = tmp_path / "holder.log"
     with open(log, "wb") as out:
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(target)], cwd=REPO, env=script_env(),
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(target)], cwd=REPO, env=subprocess_env(),
                                   stdout=out, stderr=subprocess.STDOUT)
     wait_for(log, "claimed", holder)
     with output_claim(target) as claimed:
@@ -418,7 +413,7 @@ def test_stage2_bad_frame_folders_and_meta_mismatch(work, bench, reference_cache
 def test_expression_of_10k_characters(adapter):
     words = " ".join(random.Random(0).choice(["red", "cup", "on", "the", "left", "table", "near"]) for _ in range(2400))
     expression = ("the " + words)[:10_000]
-    frames = sorted((REPO.parent / "shared/data/videos/bedroom").glob("*.jpg"))[:1]
+    frames = sorted(BEDROOM.glob("*.jpg"))[:1]
     pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=2, layer_end=4, max_new_tokens=2))
     try:
         result = pipeline.run(frames, expression)
@@ -449,7 +444,7 @@ class OutOfMemoryAbove(QwenVLAdapter):
 def test_auto_batch_halves_on_out_of_memory(ckpt, caplog):
     adapter = OutOfMemoryAbove(ckpt, device="cpu", precision="fp32", attn_implementation="sdpa",
                                options=AdapterOptions(attn_max_token=16))
-    frames = sorted((REPO.parent / "shared/data/videos/bedroom").glob("*.jpg"))[:5]
+    frames = sorted(BEDROOM.glob("*.jpg"))[:5]
     results = {}
     for batch in ("auto", 2):
         pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=2, layer_end=4, attn_max_batch=batch,
@@ -598,7 +593,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, reference_cache
     out = tmp_path / "out"
     out.mkdir()
     result = subprocess.run([sys.executable, "-c", FULL_DISK, str(reference_caches / "bedroom_0.safetensors"),
-                             str(out)], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
+                             str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     targets = ["cache.safetensors", "masks/0", "kp/keypoints.pt", "summary.json"]

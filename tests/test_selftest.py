@@ -4,7 +4,6 @@ shards per inference step). The test checks the outputs itself, independently of
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import REPO
+from conftest import subprocess_env
 from model.selftest import DISCLAIMER
 
 RUN = Path("qwen2-5-vl-7b-rvos/F4_L14--1")
 
 
 def run_selftest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(cwd), PYTHONPATH=str(REPO))
+    env = subprocess_env(TMPDIR=str(cwd))
     return subprocess.run([sys.executable, "-m", "model.selftest", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

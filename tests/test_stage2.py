@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, copy_frames
+from conftest import REPO, copy_frames, subprocess_env
 from model.cache import load_cache, save_cache
 from model.coarse_masks import coarse_masks
 from model.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, DecafError, run_cli
@@ -115,7 +114,7 @@ def manifests(folder: Path) -> list[dict]:
 
 
 def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")  # threads spin-wait badly on a shared machine
+    env = subprocess_env()
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

@@ -14,15 +14,20 @@ from ..errors import DecafError
 if TYPE_CHECKING:
     from .base import MLLMAdapter
 
-#: config ``model_type`` → (module in this package, adapter class)
-ADAPTERS: dict[str, tuple[str, str]] = {
-    "qwen2_vl": ("qwen", "QwenVLAdapter"),
-    "qwen2_5_vl": ("qwen", "QwenVLAdapter"),
-    "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter"),
-    "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLAdapter"),
-    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter"),
-    "internvl": ("internvl", "InternVLAdapter"),
+#: config ``model_type`` → (module in this package, adapter class, its stage-1 script in ``evaluation/``)
+ADAPTERS: dict[str, tuple[str, str, str]] = {
+    "qwen2_vl": ("qwen", "QwenVLAdapter", "inference_attn_map_qwenvl.py"),
+    "qwen2_5_vl": ("qwen", "QwenVLAdapter", "inference_attn_map_qwenvl.py"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter", "inference_attn_map_qwen3vl.py"),
+    "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLAdapter", "inference_attn_map_qwen3vl.py"),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter", "inference_attn_map_llavaov.py"),
+    "internvl": ("internvl", "InternVLAdapter", "inference_attn_map_internvl.py"),
 }
+
+
+def extraction_script(model_type: str | None) -> str | None:
+    """``evaluation/<script>`` that extracts attention for this ``model_type``, or None if unsupported."""
+    return f"evaluation/{ADAPTERS[model_type][2]}" if model_type in ADAPTERS else None
 
 
 def adapter_for_model_type(model_type: str | None) -> type[MLLMAdapter]:
@@ -30,7 +35,7 @@ def adapter_for_model_type(model_type: str | None) -> type[MLLMAdapter]:
     if model_type not in ADAPTERS:
         raise DecafError(f"no DecAF adapter supports model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(ADAPTERS))}")
-    module_name, class_name = ADAPTERS[model_type]
+    module_name, class_name, _ = ADAPTERS[model_type]
     adapter_class = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
     if model_type not in adapter_class.model_types:  # the table and the class must agree
         raise RuntimeError(f"{class_name} does not declare model_type {model_type!r}")
