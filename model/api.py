@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from . import prompts
 from .adapters import adapter_for_checkpoint
-from .adapters.base import AdapterOptions, VisualBatch, check_checkpoint_files
+from .adapters.base import AdapterOptions, VisualBatch, check_checkpoint_files, resolve_layer_range
 from .cli_args import default_device
 from .coarse_masks import coarse_masks
 from .errors import DecafError
 from .fusion import fuse_maps
-from .prompting import PipelineSettings, PromptingPipeline, resolve_layer_range
+from .prompting import PipelineSettings, PromptingPipeline
 from .sam2_prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
                              sam2_masks)
 from .video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable

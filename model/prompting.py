@@ -55,16 +55,6 @@ class ExpressionMaps:
     texts: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_layer_range(num_layers: int, start: int | str, end: int) -> tuple[int, int]:
-    """SPEC §5.1: start ``auto`` = ⌊N_layers/2⌋; end ≤ 0 means N_layers (exclusive)."""
-    resolved_start = num_layers // 2 if start == "auto" else int(start)
-    resolved_end = num_layers if end <= 0 else int(end)
-    if not 0 <= resolved_start < resolved_end <= num_layers:
-        from .errors import DecafError
-        raise DecafError(f"layer range [{resolved_start}, {resolved_end}) is outside the model's {num_layers} layers")
-    return resolved_start, resolved_end
-
-
 class PromptingPipeline:
     """Runs calls 1–5 for one expression on one adapter (SPEC §1.3)."""
 

@@ -18,13 +18,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .adapters import extraction_script
 from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files, default_attn_implementation,
-                            layer_count, read_checkpoint_config)
+                            layer_count, read_checkpoint_config, resolve_layer_range)
 from .atomic import check_writable_folder, library_versions, output_claim
 from .cache import load_cache, save_cache, setting_mismatches
 from .cli_args import add_job_args, add_run_folder_args, batch_arg, default_device, model_name_of
 from .errors import DecafError
 from .paths import cache_file_name, cache_folder, run_folder
-from .prompting import PipelineSettings, PromptingPipeline, resolve_layer_range
+from .prompting import PipelineSettings, PromptingPipeline
 from .run_record import RunRecord
 from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 

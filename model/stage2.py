@@ -27,6 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
                                       shard_jobs)
 
+from .adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
 from .atomic import atomic_directory, check_writable_folder, output_claim
 from .cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
 from .cli_args import add_job_args, add_run_folder_args, default_device, model_name_of
@@ -130,7 +131,7 @@ class RunSettings:
         num_layers = self.num_layers if self.num_layers is not None else cache.meta.get("num_layers")
         if not isinstance(num_layers, int):
             raise DecafError(f"{cache.path}: metadata lacks num_layers; rerun stage 1 with --overwrite")
-        end = num_layers if self.layer_end_arg <= 0 else self.layer_end_arg  # exclusive end, SPEC §5.1
+        _, end = resolve_layer_range(num_layers, self.layer_start, self.layer_end_arg)
         obj, bg, choice = self.prompt_versions
         expected: dict[str, Any] = {"num_input_frames": self.num_input_frames, "layer_start": self.layer_start,
                                     "layer_end": end, "prompt_versions": {"obj": obj, "bg": bg, "choice": choice}}
@@ -149,10 +150,6 @@ def resolve_run_settings(args: argparse.Namespace) -> RunSettings:
         if not args.version:
             raise DecafError("--attn_layer_idx_start auto needs --version to read the model depth from its "
                              "config.json; pass --version or an explicit --attn_layer_idx_start (e.g. 14)")
-        # imported here: these modules pull in transformers, which stage 2 otherwise never needs
-        from .adapters.base import layer_count, read_checkpoint_config
-        from .prompting import resolve_layer_range
-
         try:
             num_layers = layer_count(read_checkpoint_config(args.version))
         except DecafError as exc:

@@ -19,7 +19,8 @@ from model.adapters.qwen3_vl import CLIP_FPS, Qwen3VLAdapter, slot_timestamps
 from model.cache import load_cache
 from model.errors import DecafError
 from model.fusion import fuse_cache
-from model.prompting import PipelineSettings, PromptingPipeline, resolve_layer_range
+from model.adapters.base import resolve_layer_range
+from model.prompting import PipelineSettings, PromptingPipeline
 from model.rollout import make_rollout
 from model.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
 from test_stage1_qwen import make_davis

@@ -73,8 +73,7 @@ def resolved_start(args: argparse.Namespace) -> int:
         return args.attn_layer_idx_start
     if not args.version:
         raise DecafError("START_LAYER=auto needs VERSION (the checkpoint folder) to read the model depth")
-    from model.adapters.base import layer_count, read_checkpoint_config  # torch import: only for 'auto'
-    from model.prompting import resolve_layer_range
+    from model.adapters.base import layer_count, read_checkpoint_config, resolve_layer_range  # imports torch
 
     return resolve_layer_range(layer_count(read_checkpoint_config(args.version)), "auto",
                                args.attn_layer_idx_end)[0]

@@ -96,6 +96,15 @@ def layer_count(config: dict[str, Any]) -> int:
     raise DecafError("cannot find num_hidden_layers in the checkpoint config")
 
 
+def resolve_layer_range(num_layers: int, start: int | str, end: int) -> tuple[int, int]:
+    """SPEC §5.1: start ``auto`` = ⌊N_layers/2⌋; end ≤ 0 means N_layers (exclusive)."""
+    resolved_start = num_layers // 2 if start == "auto" else int(start)
+    resolved_end = num_layers if end <= 0 else int(end)
+    if not 0 <= resolved_start < resolved_end <= num_layers:
+        raise DecafError(f"layer range [{resolved_start}, {resolved_end}) is outside the model's {num_layers} layers")
+    return resolved_start, resolved_end
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open a frame as RGB (§2.5); unreadable files become a :class:`DecafError` naming the file."""
     try:
