@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.adapters.base import AdapterOptions  # noqa: E402
+from model.capture import Tee  # noqa: E402
 from model.prompting import PipelineSettings, PromptingPipeline  # noqa: E402
 from model.rollout import make_rollout  # noqa: E402
 
@@ -115,17 +116,6 @@ def measure_modes(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
         results[mode] = {"seconds": statistics.median(times[mode]), "min_seconds": min(times[mode]),
                          "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
     return results
-
-
-class Tee:
-    """Feeds the same captured q/k to two rollouts (streamed vs literal on one forward)."""
-
-    def __init__(self, *sinks):
-        self.sinks = sinks
-
-    def add_layer(self, q, k):
-        for sink in self.sinks:
-            sink.add_layer(q, k)
 
 
 def run_call(pipeline: PromptingPipeline, batch, mode: str) -> None:

@@ -33,6 +33,17 @@ class LayerSink(Protocol):
     def add_layer(self, q: torch.Tensor, k: torch.Tensor) -> None: ...
 
 
+class Tee:
+    """One capture fed to several sinks, e.g. the streamed rollout and its literal oracle on the same q/k."""
+
+    def __init__(self, *sinks: LayerSink):
+        self.sinks = sinks
+
+    def add_layer(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        for sink in self.sinks:
+            sink.add_layer(q, k)
+
+
 class _Armed:
     """State of one armed capture: which prefill length to accept and where each layer goes."""
 

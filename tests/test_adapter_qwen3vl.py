@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from conftest import BEDROOM, REPO, copy_frames
-from model.adapters.base import AdapterOptions
+from model.adapters.base import AdapterOptions, resolve_layer_range
 from model.adapters.qwen import smart_resize
 from model.adapters.qwen3_vl import CLIP_FPS, Qwen3VLAdapter, slot_timestamps
 from model.cache import load_cache
+from model.capture import Tee
 from model.errors import DecafError
 from model.fusion import fuse_cache
-from model.adapters.base import resolve_layer_range
 from model.prompting import PipelineSettings, PromptingPipeline
 from model.rollout import make_rollout
 from model.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
@@ -172,17 +172,6 @@ def test_video_tokens_are_not_contiguous(adapter, frames5):
 
 
 # ----- capture and rollout -----------------------------------------------------------------------------------
-class Tee:
-    """Hands the q/k of one real forward to several rollouts."""
-
-    def __init__(self, *sinks):
-        self.sinks = sinks
-
-    def add_layer(self, q, k):
-        for sink in self.sinks:
-            sink.add_layer(q, k)
-
-
 @pytest.mark.parametrize("pass_kind", ["video", "frames"])
 def test_streamed_equals_literal_on_captured_qk(adapter, frames5, pass_kind):
     """Streamed rollout (§5.8a) vs the paper-literal oracle on the same captured q/k (T1)."""
