@@ -1,4 +1,4 @@
-"""Shared test fixtures: real frames from ../shared/data, copied into temporary folders."""
+"""Shared test fixtures: real frames kept in ``tests/data`` (see its README), copied into temporary folders."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: ../shared/data beside the checkout; DECAF_SHARED_DATA points elsewhere (e.g. a copy carried to a GPU machine)
-SHARED_DATA = Path(os.environ.get("DECAF_SHARED_DATA") or REPO.parent / "shared" / "data")
-BEDROOM = SHARED_DATA / "videos" / "bedroom"
+#: the test data lives in the repository, so a fresh clone tests with nothing beside it
+DATA = REPO / "tests" / "data"
+#: 40 real 960×540 frames, ``00000.jpg`` … ``00039.jpg``
+BEDROOM = DATA / "bedroom"
+CLIP_LENGTH = 40
+#: 12 real 1280×720 frames at 29.97 fps
+DOG_MP4 = DATA / "dog.mp4"
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -24,12 +28,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
 
 
+def frame_path(index: int) -> Path:
+    """Frame ``index`` of the 40-frame test clip; indices wrap around, so a test may ask for more frames."""
+    return BEDROOM / f"{index % CLIP_LENGTH:05d}.jpg"
+
+
 def copy_frames(dest: Path, count: int, start: int = 0, step: int = 1) -> list[Path]:
-    """Copy ``count`` bedroom frames (960×540 JPEGs) into ``dest`` named 00000.jpg… and return their paths."""
+    """Copy ``count`` bedroom frames (960×540 JPEGs; clip frames ``start``, ``start + step``, … wrapping at 40) into
+    ``dest`` named 00000.jpg… and return their paths."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(count):
-        src = BEDROOM / f"{start + i * step:05d}.jpg"
+        src = frame_path(start + i * step)
         dst = dest / f"{i:05d}.jpg"
         shutil.copyfile(src, dst)
         out.append(dst)
@@ -38,6 +48,5 @@ def copy_frames(dest: Path, count: int, start: int = 0, step: int = 1) -> list[P
 
 @pytest.fixture
 def bedroom_frames(tmp_path: Path) -> list[Path]:
-    """Six real frames in a temporary folder (tests must never write into ../shared)."""
-    assert BEDROOM.is_dir(), f"shared data not found at {BEDROOM}; the checkout needs ../shared beside it"
+    """Six real frames in a temporary folder (tests never write into tests/data)."""
     return copy_frames(tmp_path / "bedroom", 6)

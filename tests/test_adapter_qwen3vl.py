@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BEDROOM, REPO, copy_frames
+from conftest import REPO, copy_frames, frame_path
 from model.adapters.base import AdapterOptions, resolve_layer_range
 from model.adapters.qwen import smart_resize
 from model.adapters.qwen3_vl import CLIP_FPS, Qwen3VLAdapter, slot_timestamps
@@ -40,7 +40,7 @@ def adapter(ckpt) -> Qwen3VLAdapter:
 
 @pytest.fixture(scope="module")
 def frames5(tmp_path_factory) -> list[Path]:
-    return copy_frames(tmp_path_factory.mktemp("frames"), 5, step=40)
+    return copy_frames(tmp_path_factory.mktemp("frames"), 5, step=8)
 
 
 def make_pipeline(adapter, **overrides) -> PromptingPipeline:
@@ -128,7 +128,7 @@ def test_worked_example_854x480(tmp_path, ckpt):
     frames = []
     for i in range(16):
         path = tmp_path / f"{i:05d}.jpg"
-        Image.open(BEDROOM / f"{i * 10:05d}.jpg").resize((854, 480)).save(path)
+        Image.open(frame_path(i * 2)).resize((854, 480)).save(path)
         frames.append(path)
     adapter = Qwen3VLAdapter(ckpt, device="cpu", precision="fp32", options=AdapterOptions())
     video = adapter.video_batch(frames, "what?")

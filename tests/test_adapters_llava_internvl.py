@@ -58,7 +58,7 @@ def adapters(ckpts) -> dict[str, object]:
 def frames(tmp_path_factory) -> dict[str, list[Path]]:
     """Three bedroom frames per family: 960×540 for InternVL, LLAVA_FRAME_WH for LLaVA-OV."""
     root = tmp_path_factory.mktemp("frames")
-    native = copy_frames(root / "native", 3, step=40)
+    native = copy_frames(root / "native", 3, step=8)
     return {"internvl": native, "llava_onevision": resized_copies(native, root / "small", LLAVA_FRAME_WH)}
 
 

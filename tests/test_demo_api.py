@@ -1,7 +1,7 @@
 """The demo (SPEC §1.5, §12.5, §13.3) and the Python API on tiny random-weight Qwen2.5-VL and SAM2 checkpoints.
 
-The demo runs as a subprocess on a frame folder (given with a trailing slash) and on an MP4 cut from the shared
-``01_dog.mp4``; the API runs in process. Random weights make the masks meaningless, so the tests check the
+The demo runs as a subprocess on a frame folder (given with a trailing slash) and on the repository's short
+``tests/data/dog.mp4``; the API runs in process. Random weights make the masks meaningless, so the tests check the
 layout arithmetic, sizes, counts, formats and the literal tiles, not the segmentation.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA, copy_frames
+from conftest import DOG_MP4, REPO, copy_frames
 from model.api import Segmenter, SegmentSettings, VideoSource, segment, video_name
 from model.errors import DecafError
 from model.sam2_prompting import candidate_points
@@ -28,7 +28,7 @@ from model.tiny.sam2 import build_tiny_sam2_checkpoint
 from model.video import sample_indices
 
 N = 4  # --num_input_frames
-DOG_FRAMES = 12  # frames cut from 01_dog.mp4 (289 frames in all)
+DOG_FRAMES = 12  # frames of tests/data/dog.mp4
 TINY = dict(num_input_frames=N, attn_max_token=16, max_new_tokens=2)
 
 
@@ -44,26 +44,14 @@ def ckpts(tmp_path_factory) -> dict:
 def clip(tmp_path_factory) -> Path:
     """Six 960×540 bedroom frames; T = 4 of F = 6 are sampled."""
     folder = tmp_path_factory.mktemp("frames") / "bedroom_clip"
-    copy_frames(folder, 6, step=20)
+    copy_frames(folder, 6, step=4)
     return folder
 
 
 @pytest.fixture(scope="module")
 def dog_mp4(tmp_path_factory) -> Path:
-    """The first frames of the shared 01_dog.mp4 (1280×720, 29.97 fps), cut into a short MP4 in a temp folder."""
-    folder = tmp_path_factory.mktemp("video")
-    source = shutil.copyfile(SHARED_DATA / "videos" / "01_dog.mp4", folder / "full.mp4")
-    capture = cv2.VideoCapture(str(source))
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    writer = cv2.VideoWriter(str(folder / "dog.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    for _ in range(DOG_FRAMES):
-        ok, frame = capture.read()
-        assert ok
-        writer.write(frame)
-    writer.release()
-    capture.release()
-    return folder / "dog.mp4"
+    """The repository's 12-frame cut of 01_dog.mp4 (1280×720, 29.97 fps), copied into a temp folder."""
+    return Path(shutil.copyfile(DOG_MP4, tmp_path_factory.mktemp("video") / "dog.mp4"))
 
 
 def run_demo(ckpts: dict, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -118,8 +106,12 @@ def test_demo_on_frame_folder_with_trailing_slash(tmp_path, ckpts, clip):
     header = stacked[:100]
     assert (header == 0).all(axis=2).sum() > 100 and (header == 255).all(axis=2).mean() > 0.9  # black text, white
     assert not stacked[100:235, 240:250].any() and not stacked[235:245].any()  # vertical and horizontal bars
-    first_frame = cv2.imread(str(clip / "00000.jpg"))
-    assert np.array_equal(stacked[100:235, :240], cv2.resize(first_frame, (240, 135)))  # tile 1 = the frame
+    first_frame = cv2.resize(cv2.imread(str(clip / "00000.jpg")), (240, 135))
+    # tile 1 = the frame, its name on a black box in the corner
+    assert np.array_equal(stacked[100 + 30:235, :240], first_frame[30:])
+    assert (stacked[100:103, :60] == 0).all() and (stacked[100:130, :100] == 255).any()
+    for column in range(5):  # a title above each column, at the foot of the header
+        assert (header[70:99, column * 250: column * 250 + 60] < 128).any(), column
 
     root = out / "bedroom_clip"
     for folder in ("img", "attn_map", "coarse_mask", "points"):

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import BEDROOM, REPO, subprocess_env
+from conftest import REPO, frame_path, subprocess_env
 from evaluation import eval_rvos
 from evaluation import inference_attn_map_qwenvl as stage1_script
 from model.adapters.base import AdapterOptions
@@ -413,7 +413,7 @@ def test_stage2_bad_frame_folders_and_meta_mismatch(work, bench, reference_cache
 def test_expression_of_10k_characters(adapter):
     words = " ".join(random.Random(0).choice(["red", "cup", "on", "the", "left", "table", "near"]) for _ in range(2400))
     expression = ("the " + words)[:10_000]
-    frames = sorted(BEDROOM.glob("*.jpg"))[:1]
+    frames = [frame_path(0)]
     pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=2, layer_end=4, max_new_tokens=2))
     try:
         result = pipeline.run(frames, expression)
@@ -444,7 +444,7 @@ class OutOfMemoryAbove(QwenVLAdapter):
 def test_auto_batch_halves_on_out_of_memory(ckpt, caplog):
     adapter = OutOfMemoryAbove(ckpt, device="cpu", precision="fp32", attn_implementation="sdpa",
                                options=AdapterOptions(attn_max_token=16))
-    frames = sorted(BEDROOM.glob("*.jpg"))[:5]
+    frames = [frame_path(i) for i in range(5)]
     results = {}
     for batch in ("auto", 2):
         pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=2, layer_end=4, attn_max_batch=batch,

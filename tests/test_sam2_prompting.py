@@ -78,7 +78,7 @@ def predictor(tiny_checkpoint) -> DecafSAM2Predictor:
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> list[Path]:
-    return copy_frames(tmp_path_factory.mktemp("video") / "bedroom", 8, step=10)
+    return copy_frames(tmp_path_factory.mktemp("video") / "bedroom", 8, step=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BEDROOM, REPO, copy_frames
+from conftest import REPO, copy_frames, frame_path
 from model.adapters.base import AdapterOptions
 from model.adapters.qwen import QwenVLAdapter, smart_resize
 from model.cache import load_cache
@@ -44,7 +44,7 @@ def adapter25(qwen25) -> QwenVLAdapter:
 
 @pytest.fixture(scope="module")
 def frames5(tmp_path_factory) -> list[Path]:
-    return copy_frames(tmp_path_factory.mktemp("frames"), 5, step=40)
+    return copy_frames(tmp_path_factory.mktemp("frames"), 5, step=8)
 
 
 def make_pipeline(adapter, **overrides) -> PromptingPipeline:
@@ -83,7 +83,7 @@ def test_video_and_frame_grids_854x480(tmp_path, adapter25):
     frames = []
     for i in range(16):
         path = tmp_path / f"{i:05d}.jpg"
-        Image.open(BEDROOM / f"{i * 10:05d}.jpg").resize((854, 480)).save(path)
+        Image.open(frame_path(i * 2)).resize((854, 480)).save(path)
         frames.append(path)
     adapter = QwenVLAdapter(adapter25.checkpoint, device="cpu", precision="fp32", options=AdapterOptions())
     video = adapter.video_batch(frames, "what?")
@@ -107,7 +107,7 @@ def test_real_vocabulary_token_counts_and_query_token(tmp_path):
     assert (adapter.video_token_id, adapter.image_token_id) == (151656, 151655)
     frames = [tmp_path / f"{i}.jpg" for i in range(2)]
     for i, path in enumerate(frames):
-        Image.open(BEDROOM / f"{i:05d}.jpg").resize((854, 480)).save(path)
+        Image.open(frame_path(i)).resize((854, 480)).save(path)
     video = adapter.video_batch(frames, "the man. \nWhat is it?")
     ids = video.inputs["input_ids"][0]
     assert ids[-1].item() == 198 and adapter.tokenizer.decode(ids[-3:]) == "<|im_start|>assistant\n"

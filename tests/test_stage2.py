@@ -132,7 +132,7 @@ def tiny_sam2(tmp_path_factory) -> tuple[Path, str, list[str]]:
 def test_masks_end_to_end_with_sam2_and_resume(tmp_path: Path, tiny_sam2):
     bench = tmp_path / "bench"
     frames_a = make_video(bench, "bedroom", 6, start=0)   # F = 6 > N: sampled frames 0, 1, 3, 5
-    frames_b = make_video(bench, "bedroom2", 3, start=60)  # F = 3 < N: T = 3 (odd), t_v = 2
+    frames_b = make_video(bench, "bedroom2", 3, start=12)  # F = 3 < N: T = 3 (odd), t_v = 2
     write_meta(bench, {"bedroom": (frames_a, ["the bed", "the lamp"]), "bedroom2": (frames_b, ["the bed"])})
     write_cache(tmp_path / CACHE_DIR / "bedroom_0.safetensors", "bedroom", "0", 6)
     write_cache(tmp_path / CACHE_DIR / "bedroom_1.safetensors", "bedroom", "1", 6, zero=True)
@@ -209,7 +209,7 @@ def test_missing_sam2_checkpoint_is_one_line_before_any_job(tmp_path: Path, monk
 # ------------------------------------------------------------------------------ failures, settings, keypoints
 def test_failed_jobs_are_listed_and_the_run_goes_on(tmp_path: Path, monkeypatch, caplog):
     bench = tmp_path / "bench"
-    videos = {name: (make_video(bench, name, 5, start=10 * i), [f"exp {name}"])
+    videos = {name: (make_video(bench, name, 5, start=2 * i), [f"exp {name}"])
               for i, name in enumerate(["settings", "corrupt", "changed", "missing", "good"])}
     write_meta(bench, videos)
     write_cache(tmp_path / CACHE_DIR / "settings_0.safetensors", "settings", "0", 5, layer_start=10)
