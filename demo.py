@@ -1,6 +1,7 @@
 """DecAF demo: segment what an expression refers to in one video, live, and save a visualisation (SPEC §1.5, §12.5).
 
-Example:
+Examples:
+    python demo.py --tiny --video_path assets/sample_clip --exp "the bed"      # offline, tiny random weights
     python demo.py --video_path assets/sample_clip --exp "the bed" --save_per_frame --save_video
 
 Runs the five MLLM calls (no cache file), fusion, coarse masks and SAM2 prompting on the video, then writes
@@ -13,12 +14,11 @@ import argparse
 import logging
 from typing import Sequence
 
-from model.api import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, Segmenter, SegmentSettings
-from model.atomic import write_manifest
+# only light modules before the arguments are parsed: --help and a bad flag answer at once, before torch loads
 from model.cli_args import batch_arg, layer_start_arg, prompt_version_arg
-from model.errors import run_cli
-from model.sam2_prompting import sam2_extension_loaded
-from model.visualize import save_outputs
+from model.errors import DecafError, run_cli
+from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
+from model.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS
 
 DEFAULTS = SegmentSettings()
 
@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument("--final_score_threshold", type=float, default=DEFAULTS.final_score_threshold,
                      help="τ_trk: tracklets whose final score is > this value prompt the whole video (strict)")
 
+    tiny = parser.add_argument_group("trying it offline")
+    tiny.add_argument("--tiny", action="store_true",
+                      help="use tiny random-weight checkpoints of the real classes (built into --tiny_ckpts on first "
+                           f"use) with settings that finish in about a minute on a CPU: {TINY_SETTINGS}, "
+                           f"--precision {TINY_PRECISION}. Flags given explicitly still win. {DISCLAIMER}")
+    tiny.add_argument("--tiny_ckpts", default=str(DEFAULT_TINY_CKPTS),
+                      help="folder of the tiny checkpoints for --tiny (written by `python -m model.selftest "
+                           "--make_ckpts DIR`, or on first use)")
+
     testing = parser.add_argument_group("testing knobs (not needed for real checkpoints)")
     testing.add_argument("--sam2_overrides", nargs="*", default=[], metavar="OVERRIDE",
                          help="extra Hydra overrides for building SAM2, e.g. '++model.image_size=256' to load the "
@@ -102,16 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the flags; with ``--tiny`` the tiny checkpoints and settings become the defaults, so explicit flags
+    still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        from model.tiny.preset import tiny_checkpoints
+
+        tiny = tiny_checkpoints(args.tiny_ckpts)
+        parser.set_defaults(version=str(tiny.version), vision_pretrained=str(tiny.vision_pretrained),
+                            vision_pretrained_config=tiny.vision_pretrained_config,
+                            sam2_overrides=list(tiny.sam2_overrides), precision=TINY_PRECISION, **TINY_SETTINGS)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("decaf.demo")
+    if args.tiny:
+        log.warning("--tiny: %s", DISCLAIMER)
+    from model.api import Segmenter, VideoSource, check_expression
+    from model.atomic import write_manifest
+    from model.sam2_prompting import sam2_extension_loaded
+    from model.visualize import save_outputs
+
     settings = SegmentSettings(**{name: getattr(args, name) for name in SegmentSettings.field_names()})
-    with Segmenter(args.version, args.vision_pretrained, args.vision_pretrained_config, settings=settings,
-                   device=args.device, precision=args.precision, attn_implementation=args.attn_implementation,
-                   sam2_overrides=args.sam2_overrides, progress=True) as segmenter:
-        result = segmenter.segment(args.video_path, args.exp)
-        try:
-            logging.getLogger("decaf.demo").info("writing outputs to %s", args.vis_save_path)
+    # the expression, every frame and both checkpoints are checked before either model loads
+    expression = check_expression(args.exp)
+    source = VideoSource.open(args.video_path)
+    try:
+        frame_size = source.verify()
+        log.info("video %s: %d frames of %dx%d", source.name, len(source.frames), frame_size[1], frame_size[0])
+        with Segmenter(args.version, args.vision_pretrained, args.vision_pretrained_config, settings=settings,
+                       device=args.device, precision=args.precision, attn_implementation=args.attn_implementation,
+                       sam2_overrides=args.sam2_overrides, progress=True) as segmenter:
+            result = segmenter.segment(source, expression)
+            log.info("writing outputs to %s", args.vis_save_path)
             outputs = save_outputs(result, args.vis_save_path, per_frame=args.save_per_frame,
                                    video=args.save_video, masks=args.save_masks)
             write_manifest(args.vis_save_path, "demo", vars(args),
@@ -122,14 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "frames": len(result.frame_paths), "fps": result.source.fps,
                                      "key_frame_indices": result.key_frame_indices},
                            sam2_extension_loaded=sam2_extension_loaded(), texts=result.texts,
-                           degenerate=result.degenerate, timings=result.timings,
+                           degenerate=result.degenerate, empty_sam2_mask=not result.masks.any(),
+                           random_weights=args.tiny, timings=result.timings,
                            outputs={name: str(path) for name, path in outputs.items()})
-        finally:
-            result.close()
+    except KeyboardInterrupt:
+        raise DecafError("interrupted: nothing was written (outputs appear only when complete); run the same "
+                         "command again") from None
+    finally:
+        source.close()
     print(f"object: {result.texts.get('obj_name') or result.texts.get('obj_cls_video')!r}; "
-          f"{len(result.frame_paths)} frames, {len(result.key_frame_indices)} sampled")
+          f"{len(result.frame_paths)} frames, {len(result.key_frame_indices)} sampled"
+          + ("; SAM2 found no object (empty mask)" if not result.masks.any() else ""))
     for name, path in outputs.items():
         print(f"{name}: {path}")
+    if args.tiny:
+        print(f"note: {DISCLAIMER}")
     return 0
 
 

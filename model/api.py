@@ -41,54 +41,15 @@ from .fusion import fuse_maps
 from .prompting import PipelineSettings, PromptingPipeline
 from .sam2_prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
                              sam2_masks)
+from .settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
 from .video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.api")
 
-DEFAULT_MLLM = "ckpts/Qwen2.5-VL-7B-Instruct"
-DEFAULT_SAM2_CHECKPOINT = "ckpts/sam2-hiera-large/sam2_hiera_large.pt"
-DEFAULT_SAM2_CONFIG = "sam2_hiera_l.yaml"
 SAM2_HELP = "see ckpts/README.md for where to put the SAM2 checkpoint"
 #: frames of a decoded video file are named 00000.jpg …: five digits keep the name order the frame order
 MAX_DECODED_FRAMES = 99_999
 JPEG_QUALITY = 95
-
-
-# --------------------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class SegmentSettings:
-    """Method settings of a live run; the defaults are the demo's (SPEC §1.5, §13.2, §13.3)."""
-
-    num_input_frames: int = 16  # N (§2.3)
-    attn_layer_idx_start: int | str = "auto"  # "auto" = ⌊N_layers/2⌋ (§5.1)
-    attn_layer_idx_end: int = -1  # exclusive; ≤ 0 means the last layer
-    attn_max_token: int = 400  # Qwen families (§3.1)
-    attn_resize_scale: int = 2  # Qwen families (§3.1)
-    attn_max_token_per_image: int = -1  # Qwen families
-    max_patches: int = 12  # InternVL (§3.3)
-    attn_max_batch: int | str = 8  # frame-level conversations per forward (memory only); "auto" halves on OOM
-    prompt_obj_ver: int = 0  # prompt versions (§4.3)
-    prompt_bg_ver: int = 0
-    prompt_obj_cnt_ver: int = 0
-    max_new_tokens: int = 128  # §4.7; lower only for smoke tests of random-weight models
-    point_threshold: float = 0.8  # τ_pq, inclusive (§8.3)
-    final_score_threshold: float = 0.8  # τ_trk, strict (§8.7)
-
-    def __post_init__(self) -> None:
-        if self.num_input_frames < 1:
-            raise DecafError(f"num_input_frames must be positive, got {self.num_input_frames}")
-        if self.attn_max_batch != "auto" and (not isinstance(self.attn_max_batch, int) or self.attn_max_batch < 1):
-            raise DecafError(f"attn_max_batch must be a positive integer or 'auto', got {self.attn_max_batch!r}")
-        if self.attn_layer_idx_start != "auto" and not isinstance(self.attn_layer_idx_start, int):
-            raise DecafError(f"attn_layer_idx_start must be an integer or 'auto', got {self.attn_layer_idx_start!r}")
-        if self.max_new_tokens < 1:
-            raise DecafError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        for name in ("prompt_obj_ver", "prompt_bg_ver", "prompt_obj_cnt_ver"):
-            prompts.check_version(name, getattr(self, name))
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 # ------------------------------------------------------------------------------------------------------ video
@@ -159,10 +120,29 @@ class VideoSource:
     def is_file(self) -> bool:
         return self._decoded is not None
 
+    def verify(self) -> tuple[int, int]:
+        """Check every frame, not only the sampled ones, before any model loads; return (H₀, W₀).
+
+        All F frames must have one size (SPEC §2.4) and decode fully: SAM2 reads every frame in phase 2 (§8.8),
+        and a truncated JPEG passes a header read.
+        """
+        frame_size = check_frame_sizes(self.frames)
+        for path in self.frames:
+            verify_decodable(path)
+        return frame_size
+
     def close(self) -> None:
         """Remove the temporary frames of a decoded video file (a frame folder is never touched)."""
         if self._decoded is not None:
             self._decoded.cleanup()
+
+
+def check_expression(expression: str) -> str:
+    """The expression stripped of surrounding whitespace (SPEC §1.5); an empty one is an error."""
+    stripped = expression.strip()
+    if not stripped:
+        raise DecafError("the expression is empty; give the object to segment, e.g. --exp \"the dog\"")
+    return stripped
 
 
 # ----------------------------------------------------------------------------------------------------- result
@@ -323,9 +303,7 @@ class Segmenter:
 
         The expression is stripped of surrounding whitespace first (SPEC §1.5), then preprocessed as in §2.1.
         """
-        expression = expression.strip()
-        if not expression:
-            raise DecafError("the expression is empty; give the object to segment, e.g. --exp \"the dog\"")
+        expression = check_expression(expression)
         source = video if isinstance(video, VideoSource) else VideoSource.open(video)
         try:
             return self._segment(source, expression)
@@ -338,11 +316,9 @@ class Segmenter:
         s = self.settings
         timings: dict[str, float] = {}
         frames = source.frames
-        frame_size = check_frame_sizes(frames)  # §2.4
+        frame_size = source.verify()  # §2.4; every frame decodes
         keys = sample_indices(len(frames), s.num_input_frames)  # §2.3
         sampled = [frames[k] for k in keys]
-        for path in sampled:
-            verify_decodable(path)
 
         with self._stage(f"stage 1: MLLM calls on {len(keys)} of {len(frames)} frames", timings, "stage1"), \
                 tqdm(total=self._stage1_passes(len(keys)), desc="stage 1 (MLLM passes)", unit="pass",
@@ -369,6 +345,8 @@ class Segmenter:
                              final_score_threshold=s.final_score_threshold, features=self._features_for(source))
         if sam.degenerate:
             degenerate.append(f"{sam.degenerate}: the SAM2 masks are empty (SPEC §8.9)")
+        elif not sam.masks.any():
+            degenerate.append("SAM2 returned an empty mask on every frame")
         for reason in degenerate:
             log.warning("%s / %r: %s", source.name, expression, reason)
         return SegmentResult(
@@ -394,7 +372,16 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
     unknown = sorted(set(settings) - set(SegmentSettings.field_names()))
     if unknown:
         raise TypeError(f"segment() got unknown settings {unknown}; valid: {', '.join(SegmentSettings.field_names())}")
-    with Segmenter(version, vision_pretrained, vision_pretrained_config, settings=SegmentSettings(**settings),
-                   device=device, precision=precision, attn_implementation=attn_implementation,
-                   sam2_overrides=sam2_overrides, progress=progress) as segmenter:
-        return segmenter.segment(video, expression)
+    segment_settings = SegmentSettings(**settings)
+    # the expression and every frame are checked before the models load (a bad frame must not cost a 7B load)
+    expression = check_expression(expression)
+    source = VideoSource.open(video)
+    try:
+        source.verify()
+        with Segmenter(version, vision_pretrained, vision_pretrained_config, settings=segment_settings,
+                       device=device, precision=precision, attn_implementation=attn_implementation,
+                       sam2_overrides=sam2_overrides, progress=progress) as segmenter:
+            return segmenter.segment(source, expression)
+    except BaseException:
+        source.close()
+        raise

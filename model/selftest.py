@@ -1,6 +1,7 @@
 """Install self-test: the Ref-DAVIS run script end to end with tiny random-weight models (``decaf-selftest``).
 
-Usage: ``python -m model.selftest [--keep] [--workdir DIR] [--device cpu|cuda]`` from a repository checkout.
+Usage: ``python -m model.selftest [--keep] [--workdir DIR] [--device cpu|cuda]`` from a repository checkout;
+``python -m model.selftest --make_ckpts ckpts/tiny`` only writes the tiny checkpoints that ``demo.py --tiny`` uses.
 
 What it does, in a temporary folder and without any download:
 
@@ -36,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DecafError, run_cli
+from .tiny.preset import make_tiny_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path("evaluation/scripts/run_qwen2.5-vl-7b_F16_davis.sh")
@@ -43,8 +45,6 @@ SAMPLE_CLIP = Path("assets/sample_clip")
 VIDEO = "sample_clip"
 EXPRESSIONS = ("the bed", "the girl jumping on the bed")
 NUM_FRAMES = 4  # N: T = 4 sampled frames of the clip's 8
-LLM_LAYERS = 28  # as Qwen2.5-VL-7B: the script's START_LAYER=14 is then half the depth
-SAM2_IMAGE_SIZE = 256
 #: the GPU list of each device: two shards either way (on CUDA both use GPU 0, so one GPU is enough)
 GPU_LISTS = {"cpu": ("0", "1"), "cuda": ("0", "0")}
 SHARDS = len(GPU_LISTS["cpu"])
@@ -70,17 +70,8 @@ def script_value(script: Path, name: str) -> str:
 # ------------------------------------------------------------------------------------------------ building
 def build_checkpoints(ckpts: Path) -> tuple[Path, Path, str, list[str]]:
     """Tiny Qwen2.5-VL and SAM2 checkpoints; returns (MLLM folder, SAM2 file, SAM2 config, Hydra overrides)."""
-    from transformers.utils import logging as transformers_logging
-
-    from .tiny.qwen import build_tiny_qwen_checkpoint
-    from .tiny.sam2 import build_tiny_sam2_checkpoint
-
-    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar in the self-test's output
-
-    mllm = build_tiny_qwen_checkpoint(ckpts / "tiny-Qwen2.5-VL", "qwen2_5_vl", num_layers=LLM_LAYERS)
-    sam2 = ckpts / "tiny-sam2" / f"sam2_hiera_tiny_{SAM2_IMAGE_SIZE}.pt"
-    config, overrides = build_tiny_sam2_checkpoint(sam2, image_size=SAM2_IMAGE_SIZE)
-    return mllm, sam2, config, overrides
+    tiny = make_tiny_checkpoints(ckpts)
+    return tiny.version, tiny.vision_pretrained, tiny.vision_pretrained_config, list(tiny.sam2_overrides)
 
 
 def gt_masks(frame_size: tuple[int, int], count: int) -> list[list[np.ndarray | None]]:
@@ -233,12 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="device of the two shards and of SAM2 (cuda checks a GPU install)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds the run script may take")
+    parser.add_argument("--make_ckpts", metavar="DIR", default=None,
+                        help="only write the tiny random-weight checkpoints into DIR (e.g. ckpts/tiny, which "
+                             "`python demo.py --tiny` uses) and exit; no self-test runs")
     return parser
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The self-test; returns 0 or raises :class:`DecafError` naming what is broken."""
     args = build_parser().parse_args(argv)
+    if args.make_ckpts:
+        tiny = make_tiny_checkpoints(args.make_ckpts)
+        print(f"tiny checkpoints written to {tiny.folder} ({DISCLAIMER}); try: python demo.py --tiny "
+              f"--tiny_ckpts {tiny.folder} --video_path assets/sample_clip --exp \"the bed\"")
+        return 0
     for needed in (SCRIPT, SAMPLE_CLIP):
         if not (REPO / needed).exists():
             raise DecafError(f"{REPO / needed} not found: run the self-test from a DecAF repository checkout")

@@ -37,13 +37,12 @@ from .fusion import FUSION_MODES, fuse_cache
 from .keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
 from .paths import DEFAULT_THRESHOLD, cache_file_name, cache_folder, output_folder, output_kind, run_folder
 from .run_record import RunRecord
+from .settings import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
 from .video import check_frame_sizes, frame_name, list_frames, read_frame_size, sample_indices
 
 log = logging.getLogger("decaf.stage2")
 
 ATTN_MASK, SAM_MASK, KEYPOINT = "attn-mask", "sam-mask", "keypoint"
-DEFAULT_SAM2_CHECKPOINT = "ckpts/sam2-hiera-large/sam2_hiera_large.pt"
-DEFAULT_SAM2_CONFIG = "sam2_hiera_l.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -2,18 +2,23 @@
 
 All images are BGR (OpenCV). Every file is written atomically and every folder in one rename (§12.6):
 
-* ``{vis_save_path}/{vid_name}_all.png``: a white 100-px header with ``Exp: <expression>``, then one row per sampled
-  frame, rows separated by 10-px black bars. A row holds five tiles of (⌊W₀/4⌋, ⌊H₀/4⌋) separated by 10-px black
-  bars: the frame; Φ as a JET heat map blended 50/50; the coarse Otsu mask, JET 50/50; the candidate points (green
-  discs of radius 5); the SAM2 mask of that frame, JET 50/50. The image is therefore
-  (5·⌊W₀/4⌋ + 40) px wide and (100 + T·⌊H₀/4⌋ + 10·(T − 1)) px high (:func:`stacked_size`).
+* ``{vis_save_path}/{vid_name}_all.png``: a white 100-px header with ``Exp: <expression>`` and, at its foot, the
+  title of each column; then one row per sampled frame, rows separated by 10-px black bars. A row holds five tiles
+  of (⌊W₀/4⌋, ⌊H₀/4⌋) separated by 10-px black bars: the frame (its name in the corner); Φ as a JET heat map blended
+  50/50; the coarse Otsu mask, JET 50/50; the candidate points (green discs of radius 5); the SAM2 mask of that
+  frame, JET 50/50. The image is therefore (5·⌊W₀/4⌋ + 40) px wide and (100 + T·⌊H₀/4⌋ + 10·(T − 1)) px high
+  (:func:`stacked_size`). When SAM2 found nothing, the header says so in red.
 * ``--save_per_frame``: ``{vis_save_path}/{vid_name}/{img,attn_map,coarse_mask,points}/<frame>.png`` for the T
-  sampled frames and ``sam_mask/<frame>.png`` for all F frames, each (⌊W₀/2⌋, ⌊H₀/2⌋). Masks are drawn as a red
-  overlay (α 0.5) with 1-px black outer contours, points as magenta discs of radius 5.
+  sampled frames and ``sam_mask/<frame>.png`` for all F frames, each (⌊W₀/2⌋, ⌊H₀/2⌋). Masks are drawn as in the
+  paper's figures (:func:`red_overlay`), points as magenta discs of radius 5.
 * ``--save_video`` (extension): ``{vis_save_path}/{vid_name}_sam_mask.mp4``, all F frames at (W₀, H₀) with the
-  SAM2 mask drawn as above, at the source frame rate of a video file, else 10 fps ('mp4v' codec).
+  SAM2 mask drawn as above and the frame name and expression written in the corner, at the source frame rate of a
+  video file, else 10 fps ('mp4v' codec).
 * mask PNGs: ``{vis_save_path}/{vid_name}/masks/<frame>.png``, 8-bit single-channel, 0/255, every frame (§12.3
   format).
+
+Maps and masks are drawn as the paper's figures are: Φ is quantised to 8 bits (``uint8(x·255)``, truncated) before
+it is resized, masks are resized with bilinear interpolation, text is antialiased.
 """
 from __future__ import annotations
 
@@ -42,6 +47,11 @@ GREEN = (0, 255, 0)
 MAGENTA = (255, 0, 255)  # what the reference draws in its per-frame points (its comment says green)
 RED = (0, 0, 255)
 BLACK = (0, 0, 0)
+WHITE = (255, 255, 255)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+#: column titles at the foot of the overview's header, one per tile (issue: the overview must explain itself)
+COLUMN_TITLES = ("frame", "fused map Phi", "coarse mask", "SAM2 prompts", "SAM2 mask")
+TITLE_BASELINE = HEADER_HEIGHT - 12
 DEFAULT_VIDEO_FPS = 10.0
 PER_FRAME_FOLDERS = ("img", "attn_map", "coarse_mask", "points", "sam_mask")
 
@@ -54,16 +64,20 @@ def read_bgr(path: Path) -> np.ndarray:
     return image
 
 
+def quantise(values: np.ndarray) -> np.ndarray:
+    """``uint8(x·255)`` of a map in [0, 1], x·255 in fp32 and truncated toward zero (as SPEC §7.2)."""
+    return (values.astype(np.float32) * np.float32(255)).astype(np.uint8)
+
+
 def heat_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A map in [0, 1] resized to ``size`` = (w, h) with ``INTER_LINEAR``, quantised ``uint8(x·255)`` by
-    truncation, as a JET colour image."""
-    resized = cv2.resize(values.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-    return cv2.applyColorMap((resized * np.float32(255)).astype(np.uint8), cv2.COLORMAP_JET)
+    """A map in [0, 1] quantised to 8 bits, then resized to ``size`` = (w, h) with ``INTER_LINEAR``, as a JET
+    colour image."""
+    return cv2.applyColorMap(cv2.resize(quantise(values), size, interpolation=cv2.INTER_LINEAR), cv2.COLORMAP_JET)
 
 
 def mask_heat_map(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A 0/255 mask resized (nearest, so it stays binary) to ``size`` = (w, h), as a JET colour image."""
-    return cv2.applyColorMap(cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST), cv2.COLORMAP_JET)
+    """A 0/255 mask resized (bilinear) to ``size`` = (w, h), as a JET colour image."""
+    return cv2.applyColorMap(resized_mask(mask, size), cv2.COLORMAP_JET)
 
 
 def blend(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -72,13 +86,26 @@ def blend(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
 
 
 def red_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The mask's pixels tinted red with α 0.5, plus its 1-px black external contours."""
-    binary = (mask > 0).astype(np.uint8)
-    tinted = image.copy()
-    tinted[binary > 0] = RED
-    out = cv2.addWeighted(image, 0.5, tinted, 0.5, 0)
+    """The paper's mask figure: the frame blended 50/50 with a layer that is red on the mask and black elsewhere
+    (so the frame is darkened to half outside the mask), plus the mask's 1-px black external contours.
+
+    ``mask`` is 0…255 at the image's size; a bilinearly resized mask blends its soft edge proportionally.
+    """
+    alpha = mask.astype(np.float32)[..., None] / np.float32(255)
+    layer = (alpha * np.array(RED, np.float32)).round().astype(np.uint8)
+    out = cv2.addWeighted(image, 0.5, layer, 0.5, 0)
+    binary = (mask >= 128).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, BLACK, 1)
+    return out
+
+
+def label(image: np.ndarray, text: str, scale: float = 0.5) -> np.ndarray:
+    """``text`` in white on a black box in the top-left corner (frame names on tiles, captions on video frames)."""
+    out = image.copy()
+    (width, height), baseline = cv2.getTextSize(text, FONT, scale, 1)
+    cv2.rectangle(out, (0, 0), (width + 8, height + baseline + 8), BLACK, -1)
+    cv2.putText(out, text, (4, height + 4), FONT, scale, WHITE, 1, cv2.LINE_AA)
     return out
 
 
@@ -92,7 +119,8 @@ def draw_points(image: np.ndarray, points: Sequence[Candidate], colour: tuple[in
 
 
 def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    """A 0/255 mask resized to ``size`` = (w, h) with bilinear interpolation (soft edges, as in the figures)."""
+    return cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR)
 
 
 # ------------------------------------------------------------------------------------------- stacked image
@@ -110,17 +138,18 @@ def stacked_size(frame_size: tuple[int, int], num_sampled: int) -> tuple[int, in
 
 
 def stacked_image(result: SegmentResult) -> np.ndarray:
-    """The overview image of SPEC §12.5 (BGR)."""
+    """The overview image of SPEC §12.5 (BGR), with column titles and frame names."""
     size = tile_size(result.frame_size)
     width, height = size
     if width == 0 or height == 0:
         raise DecafError(f"frames of {result.frame_size[1]}x{result.frame_size[0]} px are too small for the "
                          f"overview (tiles are a quarter of the frame)")
     vertical_bar = np.zeros((height, BAR, 3), np.uint8)
+    names = result.frame_names
     rows = []
     for t, k in enumerate(result.key_frame_indices):
         frame = cv2.resize(read_bgr(result.frame_paths[k]), size)
-        tiles = [frame,
+        tiles = [label(frame, f"frame {names[k]}"),
                  blend(frame, heat_map(result.phi[t].numpy(), size)),
                  blend(frame, mask_heat_map(result.coarse_masks[t], size)),
                  draw_points(frame, result.candidate_points[t], GREEN),
@@ -131,7 +160,13 @@ def stacked_image(result: SegmentResult) -> np.ndarray:
         rows.append(np.hstack(row))
     total_width = rows[0].shape[1]
     header = np.full((HEADER_HEIGHT, total_width, 3), 255, np.uint8)
-    cv2.putText(header, f"Exp: {result.expression}", HEADER_TEXT_ORIGIN, cv2.FONT_HERSHEY_SIMPLEX, 1, BLACK, 2)
+    cv2.putText(header, f"Exp: {result.expression}", HEADER_TEXT_ORIGIN, FONT, 1, BLACK, 2, cv2.LINE_AA)
+    if not result.masks.any():
+        note = "SAM2 found no object: the mask is empty on every frame"
+        (text_width, _), _ = cv2.getTextSize(note, FONT, 0.6, 1)
+        cv2.putText(header, note, (max(total_width - text_width - 20, 20), 25), FONT, 0.6, RED, 1, cv2.LINE_AA)
+    for column, title in enumerate(COLUMN_TITLES):
+        cv2.putText(header, title, (column * (width + BAR) + 4, TITLE_BASELINE), FONT, 0.6, BLACK, 1, cv2.LINE_AA)
     horizontal_bar = np.zeros((BAR, total_width, 3), np.uint8)
     parts = [header, rows[0]]
     for row in rows[1:]:
@@ -187,6 +222,7 @@ def save_video(result: SegmentResult, vis_save_path: str | os.PathLike) -> Path:
     path = Path(vis_save_path) / f"{result.source.name}_sam_mask.mp4"
     fps = result.source.fps or DEFAULT_VIDEO_FPS
     height, width = result.frame_size
+    names = result.frame_names
 
     def write(tmp: Path) -> None:
         # OpenCV picks the container from the file extension, which the temporary name lacks
@@ -197,7 +233,8 @@ def save_video(result: SegmentResult, vis_save_path: str | os.PathLike) -> Path:
                 raise DecafError(f"OpenCV cannot write MP4 ('mp4v') files to {path.parent}; drop --save_video")
             try:
                 for k, frame_path in enumerate(result.frame_paths):
-                    writer.write(red_overlay(read_bgr(frame_path), result.masks[k]))
+                    frame = red_overlay(read_bgr(frame_path), result.masks[k])
+                    writer.write(label(frame, f"frame {names[k]}  |  {result.expression}", scale=0.7))
             finally:
                 writer.release()
             decoded = count_video_frames(staging)
