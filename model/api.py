@@ -231,7 +231,8 @@ class Segmenter:
 
     ``version`` is an MLLM checkpoint folder of any supported family (chosen from its ``config.json``);
     ``vision_pretrained`` / ``vision_pretrained_config`` the SAM2 checkpoint and config. ``device`` defaults to
-    CUDA when available; ``precision`` is the MLLM dtype (SAM2 always runs in fp32, §0.6). ``sam2_overrides`` are
+    CUDA when available; ``precision`` is the MLLM dtype (SAM2 always runs in fp32, §0.6); ``image_processor``
+    ``"slow"`` (PIL) or ``"fast"`` (torchvision), None for the family's default (§3.1, §3.2). ``sam2_overrides`` are
     extra Hydra overrides (tests load a 256-px tiny SAM2 with ``++model.image_size=256``). With ``progress``
     each stage logs a line and stage 1 shows a bar over its MLLM passes.
 
@@ -244,7 +245,8 @@ class Segmenter:
                  vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, *,
                  settings: SegmentSettings = SegmentSettings(), device: str | None = None,
                  precision: str = "bf16", attn_implementation: str | None = None,
-                 sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False):
+                 sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False,
+                 image_processor: str | None = None):
         self.settings = settings
         self.progress = progress
         self.device = device or default_device()
@@ -257,7 +259,8 @@ class Segmenter:
         with self._stage(f"loading {Path(version).name} ({adapter_class.__name__}, {precision}) on {self.device}"):
             options = AdapterOptions(**{f.name: getattr(settings, f.name) for f in fields(AdapterOptions)})
             self.adapter = adapter_class(version, device=self.device, precision=precision,
-                                         attn_implementation=attn_implementation, options=options)
+                                         attn_implementation=attn_implementation,
+                                         image_processor=image_processor, options=options)
         start, end = resolve_layer_range(self.adapter.num_layers, settings.attn_layer_idx_start,
                                          settings.attn_layer_idx_end)
         self.pipeline = _CountedPipeline(self.adapter, PipelineSettings(
@@ -383,7 +386,7 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
             vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, device: str | None = None,
             precision: str = "bf16", attn_implementation: str | None = None,
             sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False,
-            **settings: Any) -> SegmentResult:
+            image_processor: str | None = None, **settings: Any) -> SegmentResult:
     """Load the models, segment ``expression`` in ``video`` and release the models (SPEC §1.5).
 
     ``settings`` are fields of :class:`SegmentSettings` (``num_input_frames=16``, ``attn_layer_idx_start="auto"``,
@@ -396,5 +399,6 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
         raise TypeError(f"segment() got unknown settings {unknown}; valid: {', '.join(SegmentSettings.field_names())}")
     with Segmenter(version, vision_pretrained, vision_pretrained_config, settings=SegmentSettings(**settings),
                    device=device, precision=precision, attn_implementation=attn_implementation,
-                   sam2_overrides=sam2_overrides, progress=progress) as segmenter:
+                   sam2_overrides=sam2_overrides, progress=progress,
+                   image_processor=image_processor) as segmenter:
         return segmenter.segment(video, expression)

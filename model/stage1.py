@@ -21,7 +21,8 @@ from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files,
                             layer_count, read_checkpoint_config, resolve_layer_range)
 from .atomic import check_writable_folder, library_versions, output_claim
 from .cache import load_cache, save_cache, setting_mismatches
-from .cli_args import add_job_args, add_run_folder_args, batch_arg, default_device, model_name_of
+from .cli_args import (add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, default_device,
+                       model_name_of)
 from .errors import DecafError
 from .paths import cache_file_name, cache_folder, run_folder
 from .prompting import PipelineSettings, PromptingPipeline
@@ -69,6 +70,7 @@ def build_parser(description: str, family_flags: Sequence[str]) -> argparse.Argu
                        help="greedy decoding length of the answers (SPEC §4.7: 128); lower it only for smoke tests "
                             "of random-weight models, it can change obj_name")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_image_processor_arg(group)
     for name in family_flags:
         kind, default, text = FAMILY_FLAGS[name]
         group.add_argument(f"--{name}", type=kind, default=default, help=text)
@@ -132,6 +134,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     device = args.device or default_device()
     attn_impl = args.attn_implementation or default_attn_implementation()
     resolution = {name: getattr(options, name) for name in FAMILY_FLAGS}
+    resolution.update(adapter_class.matched_settings(args.image_processor))  # backend and M-RoPE rule (§12.2)
 
     subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)
     skipped: list[tuple[str, str]] = []
@@ -153,7 +156,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     adapter = None
     if pending and not (unusable and args.fail_fast):  # the model loads only when there is work, before the bar
         adapter = adapter_class(args.version, device=device, precision=args.precision, attn_implementation=attn_impl,
-                                options=options)
+                                image_processor=args.image_processor, options=options)
     record = RunRecord(len(jobs), f"stage 1 [{args.dataset}]", args.fail_fast, skipped)
     record.skip(finished_before)
     for job, exc in unusable:
