@@ -129,10 +129,13 @@ class PromptingPipeline:
         output = self.adapter.model.generate(**inputs, **self._greedy())
         return self.adapter.decode(self._new_tokens(output, inputs))[0]
 
-    def run(self, frames: Sequence[Path], expression: str) -> ExpressionMaps:
-        """Calls 1–5 on the T sampled frames (SPEC §1.3); ``expression`` is the raw text (§2.1 applied here)."""
+    def run(self, frames: Sequence[Path], expression: str, *, allow_empty: bool = False) -> ExpressionMaps:
+        """Calls 1–5 on the T sampled frames (SPEC §1.3); ``expression`` is the raw text (§2.1 applied here).
+
+        An empty or whitespace-only expression is refused unless ``allow_empty`` (benchmark runs, as the paper's).
+        """
         s = self.settings
-        q = prompts.preprocess_expression(expression)
+        q = prompts.preprocess_expression(expression, allow_empty=allow_empty)
         obj_prompt = prompts.object_prompt(q, s.obj_version)
 
         video_obj = self.adapter.video_batch(frames, obj_prompt)  # call 1

@@ -26,6 +26,7 @@ from .cli_args import (add_image_processor_arg, add_job_args, add_run_folder_arg
 from .errors import DecafError
 from .paths import cache_file_name, cache_folder, run_folder
 from .prompting import PipelineSettings, PromptingPipeline
+from .prompts import is_empty_expression
 from .run_record import RunRecord
 from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
@@ -159,6 +160,11 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
                                 image_processor=args.image_processor, options=options)
     record = RunRecord(len(jobs), f"stage 1 [{args.dataset}]", args.fail_fast, skipped)
     record.skip(finished_before)
+    # the paper's code ran these too (SPEC §2.1 makes "" into "."): benchmark scores need every expression
+    empty = [job.job_id for job in jobs if is_empty_expression(job.expression)]
+    if empty:
+        record.warn(f"{len(empty)} expression(s) are empty or whitespace only (first: {empty[0]}); they run as in "
+                    "the paper, with '.' appended (SPEC §2.1), and are listed in the manifest")
     for job, exc in unusable:
         record.fail(job, exc)
     if adapter is not None and not record.stopped:
@@ -178,7 +184,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
 
     return record.close([folder], "attn-map", args, resolved={
         "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
-        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)})
+        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)}, empty_expressions=empty)
 
 
 def run_claimed_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int,
@@ -207,7 +213,7 @@ def run_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Na
     sampled = [frames[i] for i in indices]
     for frame in sampled:
         verify_decodable(frame)
-    result = pipeline.run(sampled, job.expression)
+    result = pipeline.run(sampled, job.expression, allow_empty=True)  # a benchmark scores every expression
     adapter, settings = pipeline.adapter, pipeline.settings
     meta = {
         "family": adapter.family,
