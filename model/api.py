@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import prompts
 from .adapters import adapter_for_checkpoint
-from .adapters.base import AdapterOptions, VisualBatch, check_checkpoint_files, resolve_layer_range
+from .adapters.base import AdapterOptions, check_checkpoint_files, resolve_layer_range
 from .cli_args import default_device
 from .coarse_masks import coarse_masks
 from .errors import DecafError
@@ -204,28 +204,6 @@ class SegmentResult:
 
 
 # -------------------------------------------------------------------------------------------------- segmenter
-class _CountedPipeline(PromptingPipeline):
-    """The prompting pipeline with a progress bar that advances after every MLLM forward or generate call."""
-
-    bar: tqdm | None = None
-
-    def _tick(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def capture_pass(self, batch: VisualBatch, decode: bool) -> tuple[list[torch.Tensor], list[str] | None]:
-        """:meth:`PromptingPipeline.capture_pass`, counted."""
-        result = super().capture_pass(batch, decode)
-        self._tick()
-        return result
-
-    def generate_text(self, prompt: str) -> str:
-        """:meth:`PromptingPipeline.generate_text` (call 3), counted."""
-        result = super().generate_text(prompt)
-        self._tick()
-        return result
-
-
 class Segmenter:
     """Loads the MLLM and SAM2 once; :meth:`segment` then runs the whole method on any video (SPEC §1.5).
 
@@ -263,7 +241,7 @@ class Segmenter:
                                          image_processor=image_processor, options=options)
         start, end = resolve_layer_range(self.adapter.num_layers, settings.attn_layer_idx_start,
                                          settings.attn_layer_idx_end)
-        self.pipeline = _CountedPipeline(self.adapter, PipelineSettings(
+        self.pipeline = PromptingPipeline(self.adapter, PipelineSettings(
             layer_start=start, layer_end=end, obj_version=settings.prompt_obj_ver,
             bg_version=settings.prompt_bg_ver, choice_version=settings.prompt_obj_cnt_ver,
             attn_max_batch=settings.attn_max_batch, max_new_tokens=settings.max_new_tokens))
@@ -304,12 +282,7 @@ class Segmenter:
 
     def _stage1_passes(self, num_frames: int) -> int | None:
         """MLLM forward/generate calls of one expression (SPEC §1.2), for the progress bar."""
-        batch = self.settings.attn_max_batch
-        if batch == "auto":
-            return None
-        chunks = math.ceil(num_frames / int(batch))
-        choice = prompts.background_needs_object_name(self.settings.prompt_bg_ver)
-        return 2 + 2 * chunks + int(choice)
+        return self.pipeline.pass_count(num_frames)
 
     def _features_for(self, source: VideoSource) -> FeatureCache:
         """The SAM2 feature cache of a video (SPEC §8.10). A frame folder's is kept for its next expression; a

@@ -27,7 +27,7 @@ from .errors import DecafError
 from .paths import cache_file_name, cache_folder, run_folder
 from .prompting import PipelineSettings, PromptingPipeline
 from .prompts import is_empty_expression
-from .run_record import RunRecord
+from .run_record import RunRecord, StepCounter
 from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.stage1")
@@ -176,6 +176,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
             no_background=args.no_background, save_bg_captions=args.save_bg_captions,
             max_new_tokens=args.max_new_tokens)
         pipeline = PromptingPipeline(adapter, settings)
+        pipeline.bar = StepCounter(record.bar, "MLLM pass")  # the passes of the current job, on the run's bar
         with logging_redirect_tqdm():
             for job, path in pending:
                 if record.stopped:
