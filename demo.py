@@ -15,7 +15,7 @@ import logging
 from typing import Sequence
 
 # only light modules before the arguments are parsed: --help and a bad flag answer at once, before torch loads
-from model.cli_args import batch_arg, layer_start_arg, prompt_version_arg
+from model.cli_args import add_image_processor_arg, batch_arg, layer_start_arg, prompt_version_arg
 from model.errors import DecafError, run_cli
 from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
 from model.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kernel of the MLLM's own forward (default: flash_attention_2 if installed, else sdpa)")
     models.add_argument("--device", default=None, help="torch device of both models (default: cuda if available, "
                                                        "else cpu)")
+
+    add_image_processor_arg(models)
 
     attention = parser.add_argument_group("attention (stage 1, SPEC §13.2)")
     attention.add_argument("--num_input_frames", type=int, default=DEFAULTS.num_input_frames,
@@ -147,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("video %s: %d frames of %dx%d", source.name, len(source.frames), frame_size[1], frame_size[0])
         with Segmenter(args.version, args.vision_pretrained, args.vision_pretrained_config, settings=settings,
                        device=args.device, precision=args.precision, attn_implementation=args.attn_implementation,
-                       sam2_overrides=args.sam2_overrides, progress=True) as segmenter:
+                       sam2_overrides=args.sam2_overrides, progress=True,
+                       image_processor=args.image_processor) as segmenter:
             result = segmenter.segment(source, expression)
             log.info("writing outputs to %s", args.vis_save_path)
             outputs = save_outputs(result, args.vis_save_path, per_frame=args.save_per_frame,
@@ -156,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            resolved={"device": segmenter.device, "layer_range": list(segmenter.layer_range),
                                      "family": segmenter.adapter.family, "model_dtype": str(segmenter.adapter.dtype),
                                      "attn_implementation": segmenter.adapter.attn_implementation,
+                                     "image_processor": segmenter.adapter.settings()["image_processor"],
                                      "video_name": result.source.name,
                                      "frames": len(result.frame_paths), "fps": result.source.fps,
                                      "key_frame_indices": result.key_frame_indices},

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import prompts
 from .adapters import adapter_for_checkpoint
-from .adapters.base import AdapterOptions, VisualBatch, check_checkpoint_files, resolve_layer_range
+from .adapters.base import AdapterOptions, check_checkpoint_files, resolve_layer_range
 from .cli_args import default_device
 from .coarse_masks import coarse_masks
 from .errors import DecafError
@@ -184,34 +184,13 @@ class SegmentResult:
 
 
 # -------------------------------------------------------------------------------------------------- segmenter
-class _CountedPipeline(PromptingPipeline):
-    """The prompting pipeline with a progress bar that advances after every MLLM forward or generate call."""
-
-    bar: tqdm | None = None
-
-    def _tick(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def capture_pass(self, batch: VisualBatch, decode: bool) -> tuple[list[torch.Tensor], list[str] | None]:
-        """:meth:`PromptingPipeline.capture_pass`, counted."""
-        result = super().capture_pass(batch, decode)
-        self._tick()
-        return result
-
-    def generate_text(self, prompt: str) -> str:
-        """:meth:`PromptingPipeline.generate_text` (call 3), counted."""
-        result = super().generate_text(prompt)
-        self._tick()
-        return result
-
-
 class Segmenter:
     """Loads the MLLM and SAM2 once; :meth:`segment` then runs the whole method on any video (SPEC §1.5).
 
     ``version`` is an MLLM checkpoint folder of any supported family (chosen from its ``config.json``);
     ``vision_pretrained`` / ``vision_pretrained_config`` the SAM2 checkpoint and config. ``device`` defaults to
-    CUDA when available; ``precision`` is the MLLM dtype (SAM2 always runs in fp32, §0.6). ``sam2_overrides`` are
+    CUDA when available; ``precision`` is the MLLM dtype (SAM2 always runs in fp32, §0.6); ``image_processor``
+    ``"slow"`` (PIL) or ``"fast"`` (torchvision), None for the family's default (§3.1, §3.2). ``sam2_overrides`` are
     extra Hydra overrides (tests load a 256-px tiny SAM2 with ``++model.image_size=256``). With ``progress``
     each stage logs a line and stage 1 shows a bar over its MLLM passes.
 
@@ -224,7 +203,8 @@ class Segmenter:
                  vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, *,
                  settings: SegmentSettings = SegmentSettings(), device: str | None = None,
                  precision: str = "bf16", attn_implementation: str | None = None,
-                 sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False):
+                 sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False,
+                 image_processor: str | None = None):
         self.settings = settings
         self.progress = progress
         self.device = device or default_device()
@@ -237,10 +217,11 @@ class Segmenter:
         with self._stage(f"loading {Path(version).name} ({adapter_class.__name__}, {precision}) on {self.device}"):
             options = AdapterOptions(**{f.name: getattr(settings, f.name) for f in fields(AdapterOptions)})
             self.adapter = adapter_class(version, device=self.device, precision=precision,
-                                         attn_implementation=attn_implementation, options=options)
+                                         attn_implementation=attn_implementation,
+                                         image_processor=image_processor, options=options)
         start, end = resolve_layer_range(self.adapter.num_layers, settings.attn_layer_idx_start,
                                          settings.attn_layer_idx_end)
-        self.pipeline = _CountedPipeline(self.adapter, PipelineSettings(
+        self.pipeline = PromptingPipeline(self.adapter, PipelineSettings(
             layer_start=start, layer_end=end, obj_version=settings.prompt_obj_ver,
             bg_version=settings.prompt_bg_ver, choice_version=settings.prompt_obj_cnt_ver,
             attn_max_batch=settings.attn_max_batch, max_new_tokens=settings.max_new_tokens))
@@ -281,12 +262,7 @@ class Segmenter:
 
     def _stage1_passes(self, num_frames: int) -> int | None:
         """MLLM forward/generate calls of one expression (SPEC §1.2), for the progress bar."""
-        batch = self.settings.attn_max_batch
-        if batch == "auto":
-            return None
-        chunks = math.ceil(num_frames / int(batch))
-        choice = prompts.background_needs_object_name(self.settings.prompt_bg_ver)
-        return 2 + 2 * chunks + int(choice)
+        return self.pipeline.pass_count(num_frames)
 
     def _features_for(self, source: VideoSource) -> FeatureCache:
         """The SAM2 feature cache of a video (SPEC §8.10). A frame folder's is kept for its next expression; a
@@ -361,7 +337,7 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
             vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, device: str | None = None,
             precision: str = "bf16", attn_implementation: str | None = None,
             sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False,
-            **settings: Any) -> SegmentResult:
+            image_processor: str | None = None, **settings: Any) -> SegmentResult:
     """Load the models, segment ``expression`` in ``video`` and release the models (SPEC §1.5).
 
     ``settings`` are fields of :class:`SegmentSettings` (``num_input_frames=16``, ``attn_layer_idx_start="auto"``,
@@ -380,7 +356,8 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
         source.verify()
         with Segmenter(version, vision_pretrained, vision_pretrained_config, settings=segment_settings,
                        device=device, precision=precision, attn_implementation=attn_implementation,
-                       sam2_overrides=sam2_overrides, progress=progress) as segmenter:
+                       sam2_overrides=sam2_overrides, progress=progress,
+                       image_processor=image_processor) as segmenter:
             return segmenter.segment(source, expression)
     except BaseException:
         source.close()

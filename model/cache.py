@@ -29,8 +29,11 @@ BACKGROUND_MAPS = ("bg_video", "bg_frame")
 #: metadata entries that must agree before an existing cache is reused (§12.2)
 MATCHED_SETTINGS = ("family", "checkpoint", "num_layers", "layer_start", "layer_end", "num_input_frames",
                     "prompt_versions")
-#: resolution flags inside ``settings`` that must agree as well
-MATCHED_RESOLUTION = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image", "max_patches")
+#: entries inside ``settings`` that must agree as well: the resolution flags, the image-processor backend and the
+#: M-RoPE rule of video passes (§3.1; a cache made before a setting was recorded lacks it, so it counts as made with
+#: other settings)
+MATCHED_RESOLUTION = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image", "max_patches",
+                      "image_processor_backend", "mrope_positions")
 
 
 @dataclass

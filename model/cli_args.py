@@ -83,6 +83,14 @@ def add_run_folder_args(parser: argparse.ArgumentParser, *, version_required: bo
                        help="attention-cache folder (default: attn_weights/<model_name>/F<N>_L<start>-<end>/<data>)")
 
 
+def add_image_processor_arg(group: argparse._ActionsContainer) -> None:
+    """``--image_processor slow|fast``: which transformers backend preprocesses the frame-level images."""
+    group.add_argument("--image_processor", choices=("slow", "fast"), default=None,
+                       help="image processor backend: 'slow' = PIL, 'fast' = torchvision (may differ at float "
+                            "rounding). Default: the paper reference's, i.e. slow for Qwen2/2.5-VL (SPEC §3.1) and "
+                            "LLaVA-OV (SPEC §3.2), fast for InternVL3-hf and Qwen3-VL; recorded in the cache")
+
+
 def default_device() -> str:
     import torch
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -55,8 +56,20 @@ class ExpressionMaps:
     texts: dict[str, Any] = field(default_factory=dict)
 
 
+class ProgressBar(Protocol):
+    """What the pipeline reports its MLLM passes to (a ``tqdm`` bar, or the stage-1 run's job bar)."""
+
+    def reset(self, total: int | None = None) -> None: ...
+
+    def update(self, n: int = 1) -> Any: ...
+
+
 class PromptingPipeline:
-    """Runs calls 1–5 for one expression on one adapter (SPEC §1.3)."""
+    """Runs calls 1–5 for one expression on one adapter (SPEC §1.3).
+
+    ``bar``, when set, is reset to :meth:`pass_count` at the start of every expression and advanced after every
+    MLLM forward or generate call (the video passes, each frame chunk, call 3).
+    """
 
     def __init__(self, adapter: MLLMAdapter, settings: PipelineSettings):
         self.adapter = adapter
@@ -64,6 +77,22 @@ class PromptingPipeline:
         self.capture = AttentionCapture(adapter.text_config, adapter.attention_modules(), settings.layer_start,
                                         settings.layer_end)
         self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(adapter.model.forward).parameters
+        self.bar: ProgressBar | None = None
+
+    def pass_count(self, num_frames: int) -> int | None:
+        """MLLM forward/generate calls of one expression on ``num_frames`` frames (SPEC §1.2); None when
+        ``attn_max_batch`` is "auto", whose chunk count depends on memory."""
+        s = self.settings
+        if s.attn_max_batch == "auto":
+            return None
+        chunks = math.ceil(num_frames / int(s.attn_max_batch))
+        if s.no_background:
+            return 1 + chunks
+        return 2 + 2 * chunks + int(prompts.background_needs_object_name(s.bg_version))
+
+    def _tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
     def _greedy(self) -> dict[str, Any]:
         """Greedy decoding (§4.7); every other generation_config setting of the checkpoint still applies."""
@@ -92,6 +121,7 @@ class PromptingPipeline:
         rows = rollout.rows()
         maps = [self.adapter.row_map(rows[b][batch.visual_mask[b]].float().cpu(), batch)
                 for b in range(rows.shape[0])]
+        self._tick()
         return maps, texts
 
     def frame_passes(self, frames: Sequence[Path], prompt: str, video: VisualBatch,
@@ -127,12 +157,18 @@ class PromptingPipeline:
         """Call 3: greedy text-only generation (§4.7)."""
         inputs = self.adapter.text_inputs(prompt)
         output = self.adapter.model.generate(**inputs, **self._greedy())
+        self._tick()
         return self.adapter.decode(self._new_tokens(output, inputs))[0]
 
-    def run(self, frames: Sequence[Path], expression: str) -> ExpressionMaps:
-        """Calls 1–5 on the T sampled frames (SPEC §1.3); ``expression`` is the raw text (§2.1 applied here)."""
+    def run(self, frames: Sequence[Path], expression: str, *, allow_empty: bool = False) -> ExpressionMaps:
+        """Calls 1–5 on the T sampled frames (SPEC §1.3); ``expression`` is the raw text (§2.1 applied here).
+
+        An empty or whitespace-only expression is refused unless ``allow_empty`` (benchmark runs, as the paper's).
+        """
         s = self.settings
-        q = prompts.preprocess_expression(expression)
+        q = prompts.preprocess_expression(expression, allow_empty=allow_empty)
+        if self.bar is not None:
+            self.bar.reset(total=self.pass_count(len(frames)))
         obj_prompt = prompts.object_prompt(q, s.obj_version)
 
         video_obj = self.adapter.video_batch(frames, obj_prompt)  # call 1

@@ -26,6 +26,26 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
+class StepCounter:
+    """The steps of the job in progress, shown as the postfix of the run's bar (e.g. ``MLLM pass 3/11``), so a
+    run keeps one bar. Offers the ``reset``/``update`` of a tqdm bar, which is what the stage-1 pipeline drives."""
+
+    def __init__(self, bar: tqdm, label: str):
+        self.bar, self.label = bar, label
+        self.n, self.total = 0, None
+
+    def reset(self, total: int | None = None) -> None:
+        self.n, self.total = 0, total
+        self._show()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix_str(f"{self.label} {self.n}/{'?' if self.total is None else self.total}")
+
+
 class RunRecord:
     """The one progress bar of a run, its per-job outcomes, and the manifest written by :meth:`close`."""
 

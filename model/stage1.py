@@ -21,11 +21,13 @@ from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files,
                             layer_count, read_checkpoint_config, resolve_layer_range)
 from .atomic import check_writable_folder, library_versions, output_claim
 from .cache import load_cache, save_cache, setting_mismatches
-from .cli_args import add_job_args, add_run_folder_args, batch_arg, default_device, model_name_of
+from .cli_args import (add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, default_device,
+                       model_name_of)
 from .errors import DecafError
 from .paths import cache_file_name, cache_folder, run_folder
 from .prompting import PipelineSettings, PromptingPipeline
-from .run_record import RunRecord
+from .prompts import is_empty_expression
+from .run_record import RunRecord, StepCounter
 from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.stage1")
@@ -69,6 +71,7 @@ def build_parser(description: str, family_flags: Sequence[str]) -> argparse.Argu
                        help="greedy decoding length of the answers (SPEC §4.7: 128); lower it only for smoke tests "
                             "of random-weight models, it can change obj_name")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_image_processor_arg(group)
     for name in family_flags:
         kind, default, text = FAMILY_FLAGS[name]
         group.add_argument(f"--{name}", type=kind, default=default, help=text)
@@ -132,6 +135,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     device = args.device or default_device()
     attn_impl = args.attn_implementation or default_attn_implementation()
     resolution = {name: getattr(options, name) for name in FAMILY_FLAGS}
+    resolution.update(adapter_class.matched_settings(args.image_processor))  # backend and M-RoPE rule (§12.2)
 
     subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)
     skipped: list[tuple[str, str]] = []
@@ -153,9 +157,14 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
     adapter = None
     if pending and not (unusable and args.fail_fast):  # the model loads only when there is work, before the bar
         adapter = adapter_class(args.version, device=device, precision=args.precision, attn_implementation=attn_impl,
-                                options=options)
+                                image_processor=args.image_processor, options=options)
     record = RunRecord(len(jobs), f"stage 1 [{args.dataset}]", args.fail_fast, skipped)
     record.skip(finished_before)
+    # the paper's code ran these too (SPEC §2.1 makes "" into "."): benchmark scores need every expression
+    empty = [job.job_id for job in jobs if is_empty_expression(job.expression)]
+    if empty:
+        record.warn(f"{len(empty)} expression(s) are empty or whitespace only (first: {empty[0]}); they run as in "
+                    "the paper, with '.' appended (SPEC §2.1), and are listed in the manifest")
     for job, exc in unusable:
         record.fail(job, exc)
     if adapter is not None and not record.stopped:
@@ -167,6 +176,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
             no_background=args.no_background, save_bg_captions=args.save_bg_captions,
             max_new_tokens=args.max_new_tokens)
         pipeline = PromptingPipeline(adapter, settings)
+        pipeline.bar = StepCounter(record.bar, "MLLM pass")  # the passes of the current job, on the run's bar
         with logging_redirect_tqdm():
             for job, path in pending:
                 if record.stopped:
@@ -175,7 +185,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
 
     return record.close([folder], "attn-map", args, resolved={
         "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
-        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)})
+        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)}, empty_expressions=empty)
 
 
 def run_claimed_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int,
@@ -204,7 +214,7 @@ def run_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Na
     sampled = [frames[i] for i in indices]
     for frame in sampled:
         verify_decodable(frame)
-    result = pipeline.run(sampled, job.expression)
+    result = pipeline.run(sampled, job.expression, allow_empty=True)  # a benchmark scores every expression
     adapter, settings = pipeline.adapter, pipeline.settings
     meta = {
         "family": adapter.family,

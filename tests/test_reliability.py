@@ -342,7 +342,9 @@ def test_claim_dies_with_its_process(tmp_path):
 # ------------------------------------------------------------------------------------------- bad frame folders
 def test_bad_frame_folders_fail_their_jobs_and_the_run_goes_on(tmp_path, ckpt):
     """Stage 1: each broken video fails its jobs with a line naming it; the manifest lists them; the good jobs
-    finish; a missing folder is skipped and reported (SPEC §10.9); --fail_fast stops at the first failure."""
+    finish — empty and whitespace-only expressions included, as in the paper (SPEC §2.1), warned about once and
+    listed in the manifest; a missing folder is skipped and reported (SPEC §10.9); --fail_fast stops at the
+    first failure."""
     videos = {"good": (3, ["the bed", "", "   "]), "empty": (2, ["x"]), "notimages": (2, ["x"]), "stray": (3, ["x"]),
               "truncated": (3, ["x"]), "textjpg": (3, ["x"]), "mixed": (3, ["x"]), "gone": (2, ["x"])}
     data = make_davis(tmp_path / "data", videos)
@@ -363,8 +365,12 @@ def test_bad_frame_folders_fail_their_jobs_and_the_run_goes_on(tmp_path, ckpt):
     assert result.returncode == EXIT_JOBS_FAILED, result.stderr[-3000:]
     record = manifest(folder)
     errors = {f["job"]: f["error"] for f in record["failures"]}
-    assert set(errors) == {"good/1", "good/2", "empty/0", "notimages/0", "truncated/0", "textjpg/0", "mixed/0"}
-    assert "expression is empty" in errors["good/1"] and "expression is empty" in errors["good/2"]
+    assert set(errors) == {"empty/0", "notimages/0", "truncated/0", "textjpg/0", "mixed/0"}
+    assert record["empty_expressions"] == ["good/1", "good/2"]
+    assert result.stderr.count("expression(s) are empty or whitespace only") == 1
+    assert [w for w in record["warnings"] if "2 expression(s) are empty" in w]
+    prompts = {name: load_cache(folder / f"good_{name}.safetensors").meta["prompts"]["obj"] for name in (1, 2)}
+    assert prompts[1].startswith(". \n") and prompts[2].startswith("   . \n")  # q = exp + "." (§2.1)
     assert re.search(r"no \.jpg frames in .*/empty$", errors["empty/0"])
     assert re.search(r"no \.jpg frames in .*/notimages$", errors["notimages/0"])
     assert re.search(r"cannot decode image .*/truncated/00002\.jpg", errors["truncated/0"])
@@ -373,16 +379,18 @@ def test_bad_frame_folders_fail_their_jobs_and_the_run_goes_on(tmp_path, ckpt):
     for job in errors:  # one line per failed job, naming the job (hence its video)
         assert re.search(rf"ERROR decaf\.run: {job} failed: \S", result.stderr)
     assert record["skipped_videos"] == [{"video": "gone", "reason": f"frame folder {root / 'gone'} not found"}]
-    assert sorted(files_under(folder, "*.safetensors")) == ["good_0.safetensors", "stray_0.safetensors"]
+    assert sorted(files_under(folder, "*.safetensors")) == ["good_0.safetensors", "good_1.safetensors",
+                                                             "good_2.safetensors", "stray_0.safetensors"]
     assert "ignoring 1 non-frame entry (e.g. Thumbs.db)" in result.stderr
-    assert last_line(result.stderr).startswith("error: 7 of 9 job(s) failed (first: good/1: the expression is empty)")
+    assert last_line(result.stderr).startswith("error: 5 of 9 job(s) failed (first: empty/0: no .jpg frames")
     assert str(sorted(folder.glob("manifest_*.json"))[-1]) in last_line(result.stderr)
 
     fast = tmp_path / "caches_fail_fast"
     result = run(STAGE1, stage1_args(data, ckpt, fast, "--fail_fast"), tmp_path)
     assert result.returncode == EXIT_JOBS_FAILED
-    assert [f["job"] for f in manifest(fast)["failures"]] == ["good/1"]
-    assert sorted(files_under(fast, "*.safetensors")) == ["good_0.safetensors"]
+    assert [f["job"] for f in manifest(fast)["failures"]] == ["empty/0"]
+    assert sorted(files_under(fast, "*.safetensors")) == ["good_0.safetensors", "good_1.safetensors",
+                                                           "good_2.safetensors"]
 
 
 def test_stage2_bad_frame_folders_and_meta_mismatch(work, bench, reference_caches, sam2, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Stage 1 on tiny Qwen2-VL / Qwen2.5-VL checkpoints: capture, rollout, pipeline, cache and script (SPEC §3–§5)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from conftest import REPO, copy_frames, frame_path
 from model.adapters.base import AdapterOptions
@@ -17,6 +19,7 @@ from model.adapters.qwen import QwenVLAdapter, smart_resize
 from model.cache import load_cache
 from model.errors import DecafError
 from model.prompting import PipelineSettings, PromptingPipeline
+from model.run_record import StepCounter
 from model.tiny.qwen import build_tiny_qwen_checkpoint
 
 SMALL = AdapterOptions(attn_max_token=16)  # tiny token budget: 3×5 merged tokens per slot on 540×960 frames
@@ -192,6 +195,25 @@ def test_chunk_size_and_decoding_skip_invariance(adapter25, frames5):
     assert runs["bT"].texts["bg_caption_video"] is not None and len(runs["bT"].texts["bg_caption_frame"]) == 5
     assert reference.texts["bg_caption_video"] is None
     assert reference.maps["obj_frame"].shape == (5, 6, 10) and reference.maps["obj_video"].shape == (3, 3, 5)
+
+
+@pytest.mark.parametrize("overrides, passes", [
+    (dict(), 2 + 2 * 3 + 1),  # calls 1 and 4, calls 2 and 5 in chunks of 2 of 5 frames, call 3
+    (dict(no_background=True), 1 + 3), (dict(bg_version=1), 2 + 2 * 3), (dict(attn_max_batch=5), 2 + 2 + 1)])
+def test_progress_counts_every_mllm_pass(adapter25, frames5, overrides, passes):
+    """The stage-1 run's bar shows the current job's passes; a tqdm bar (the API's) counts the same."""
+    pipeline = make_pipeline(adapter25, **overrides)
+    bar = tqdm(file=io.StringIO())
+    pipeline.bar = StepCounter(bar, "MLLM pass")
+    try:
+        pipeline.run(frames5, "the bed")
+        assert pipeline.bar.n == pipeline.bar.total == pipeline.pass_count(5) == passes
+        assert bar.postfix == f"MLLM pass {passes}/{passes}"
+        pipeline.bar = tqdm(file=io.StringIO(), total=1)
+        pipeline.run(frames5[:4], "the bed")
+        assert pipeline.bar.n == pipeline.bar.total == pipeline.pass_count(4)
+    finally:
+        pipeline.capture.detach()
 
 
 def test_prompt_versions_and_object_only(adapter25, frames5):

@@ -31,6 +31,11 @@ CKPT_HELP = "see ckpts/README.md for where to put checkpoints"
 #: BPE ranks of the Qwen2 vocabulary behind every paper checkpoint; a larger tokenizer is the real one, whose
 #: special-token ids SPEC §3 lists
 QWEN2_BPE_RANKS = 151_643
+#: ``--image_processor`` choice → transformers ≥ 5 image-processor backend. Under transformers 5 the plain class
+#: names (``Qwen2VLImageProcessor``, ``LlavaOnevisionImageProcessor``, ``GotOcr2ImageProcessor``) are the
+#: torchvision ("fast") processors and the PIL ("slow") ones end in ``Pil``; ``AutoImageProcessor`` picks
+#: torchvision whenever it is installed unless ``backend=`` says otherwise.
+IMAGE_PROCESSOR_BACKENDS = {"slow": "pil", "fast": "torchvision"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,21 @@ def resolve_layer_range(num_layers: int, start: int | str, end: int) -> tuple[in
     return resolved_start, resolved_end
 
 
+BACKEND_LABELS = {"pil": "PIL", "torchvision": "torchvision"}
+
+
+def image_processor_backend_of(image_processor: Any) -> str:
+    """``pil`` or ``torchvision``: which transformers ≥ 5 backend class an image processor is."""
+    from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+
+    if isinstance(image_processor, TorchvisionBackend):
+        return "torchvision"
+    if isinstance(image_processor, PilBackend):
+        return "pil"
+    raise DecafError(f"image processor {type(image_processor).__name__} is neither a PIL nor a torchvision "
+                     "backend of transformers ≥ 5")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open a frame as RGB (§2.5); unreadable files become a :class:`DecafError` naming the file."""
     try:
@@ -151,9 +171,14 @@ class MLLMAdapter(ABC):
     model_types: ClassVar[dict[str, str]]  # config model_type -> family name recorded in the cache
     #: system message passed explicitly, or None to let the chat template insert its default (§4.4)
     system_message: ClassVar[str | None] = None
+    #: ``--image_processor`` default: the one SPEC §3 names for the family (the paper reference's processor)
+    default_image_processor: ClassVar[str]
+    #: how the M-RoPE positions of video passes are made, recorded in the cache (§3.1); None: 1-D positions
+    mrope_positions: ClassVar[str | None] = None
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu", precision: str = "bf16",
-                 attn_implementation: str | None = None, options: AdapterOptions = AdapterOptions()):
+                 attn_implementation: str | None = None, image_processor: str | None = None,
+                 options: AdapterOptions = AdapterOptions()):
         self.checkpoint = str(checkpoint)
         config = read_checkpoint_config(checkpoint)
         model_type = config.get("model_type")
@@ -168,9 +193,28 @@ class MLLMAdapter(ABC):
         self.attn_implementation = attn_implementation or default_attn_implementation()
         self.num_layers = layer_count(config)
         self.revision = config.get("_commit_hash")
-        self.model = self._load_model(checkpoint)
+        self.image_processor_choice = image_processor or self.default_image_processor
+        self.image_processor_backend = self.resolve_image_processor(self.image_processor_choice)
+        self.model = self._load_model(checkpoint, config)
         self.processor = self._load_processor(checkpoint)
         self.tokenizer = self.processor.tokenizer
+
+    @classmethod
+    def resolve_image_processor(cls, choice: str | None) -> str:
+        """The transformers backend (``pil`` / ``torchvision``) of ``--image_processor`` (None: the family's)."""
+        choice = cls.default_image_processor if choice is None else choice
+        if choice not in IMAGE_PROCESSOR_BACKENDS:
+            raise DecafError(f"--image_processor must be one of {sorted(IMAGE_PROCESSOR_BACKENDS)}, got {choice!r}")
+        return IMAGE_PROCESSOR_BACKENDS[choice]
+
+    @classmethod
+    def matched_settings(cls, image_processor: str | None) -> dict[str, Any]:
+        """Settings known before the model loads that a reusable cache must have been made with (§12.2): the image
+        processor backend and, for M-RoPE families, the video position rule (§3.1)."""
+        matched: dict[str, Any] = {"image_processor_backend": cls.resolve_image_processor(image_processor)}
+        if cls.mrope_positions is not None:
+            matched["mrope_positions"] = cls.mrope_positions
+        return matched
 
     # ----- loading -------------------------------------------------------------------------------------------
     @staticmethod
@@ -186,8 +230,14 @@ class MLLMAdapter(ABC):
     @abstractmethod
     def _model_class(self) -> type: ...
 
-    def _load_model(self, checkpoint: str | Path) -> nn.Module:
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "attn_implementation": self.attn_implementation}
+    def _config_overrides(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Config values to set explicitly at load time, where the published ``config.json`` leaves them to a
+        library default that does not describe its weights (none by default)."""
+        return {}
+
+    def _load_model(self, checkpoint: str | Path, config: dict[str, Any]) -> nn.Module:
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "attn_implementation": self.attn_implementation,
+                                  **self._config_overrides(config)}
         if self.device.type == "cuda":
             kwargs["device_map"] = str(self.device)
         try:
@@ -197,12 +247,23 @@ class MLLMAdapter(ABC):
         return model.to(self.device).eval()
 
     def _load_processor(self, checkpoint: str | Path) -> Any:
-        from transformers import AutoProcessor
+        from transformers import AutoImageProcessor, AutoProcessor
 
         try:
-            return AutoProcessor.from_pretrained(str(checkpoint), **self._processor_kwargs())
-        except (OSError, ValueError, TypeError) as exc:
+            # the backend is chosen for the image processor alone: video processors have no PIL backend, so
+            # ``backend=`` cannot go to AutoProcessor, which would hand it to both
+            image_processor = AutoImageProcessor.from_pretrained(str(checkpoint), backend=self.image_processor_backend)
+            processor = AutoProcessor.from_pretrained(str(checkpoint), image_processor=image_processor,
+                                                      **self._processor_kwargs())
+        except (OSError, ValueError, TypeError, ImportError) as exc:
             raise DecafError(f"cannot load the processor from {checkpoint}: {str(exc).splitlines()[0]}") from exc
+        loaded = image_processor_backend_of(processor.image_processor)
+        if loaded != self.image_processor_backend:  # a missing backend makes transformers fall back, with a warning
+            raise DecafError(f"asked for the {self.image_processor_backend} image processor of {checkpoint} but "
+                             f"transformers gave the {loaded} one; install "
+                             f"{'Pillow' if self.image_processor_backend == 'pil' else 'torchvision'} or pass "
+                             f"--image_processor {'fast' if loaded == 'torchvision' else 'slow'}")
+        return processor
 
     def _processor_kwargs(self) -> dict[str, Any]:
         return {}
@@ -287,6 +348,7 @@ class MLLMAdapter(ABC):
 
     def settings(self) -> dict[str, Any]:
         """Resolution and kernel settings recorded in the cache (§12.2 ``settings``)."""
+        image_processor = self.processor.image_processor
         return {
             "attn_max_token": self.options.attn_max_token,
             "attn_resize_scale": self.options.attn_resize_scale,
@@ -294,5 +356,8 @@ class MLLMAdapter(ABC):
             "max_patches": self.options.max_patches,
             "attn_implementation": self.attn_implementation,
             "model_dtype": str(self.dtype).replace("torch.", ""),
-            "image_processor": type(getattr(self.processor, "image_processor", None)).__name__,
+            # the class name alone misleads: under transformers 5 it names the torchvision processor (§3.1)
+            "image_processor": f"{type(image_processor).__name__} "
+                               f"({BACKEND_LABELS[image_processor_backend_of(image_processor)]} backend)",
+            **self.matched_settings(self.image_processor_choice),
         }

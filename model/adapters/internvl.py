@@ -55,10 +55,24 @@ class InternVLAdapter(MLLMAdapter):
     family = "internvl"
     model_types = {"internvl": "internvl"}
     system_message = SYS_INTERNVL  # passed explicitly (§4.4)
+    #: the published InternVL3-hf processors are the fast GotOcr2ImageProcessorFast, which the paper's library loaded
+    default_image_processor = "fast"
 
     def _model_class(self) -> type:
         from transformers import InternVLForConditionalGeneration
         return InternVLForConditionalGeneration
+
+    def _config_overrides(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``tie_word_embeddings`` from the LLM's config where the top level has none (InternVL3-hf).
+
+        The published configs set it only in ``text_config`` (false: the files hold a separate ``lm_head``); the
+        library then assumes the class default (tied), finds two different tensors, keeps them untied and warns on
+        every load. Saying what the LLM's config says loads the same weights without that warning.
+        """
+        text_config = config.get("text_config") or {}
+        if "tie_word_embeddings" in config or "tie_word_embeddings" not in text_config:
+            return {}
+        return {"tie_word_embeddings": bool(text_config["tie_word_embeddings"])}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

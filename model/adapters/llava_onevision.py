@@ -76,6 +76,7 @@ class LlavaOnevisionAdapter(MLLMAdapter):
     family = "llava_onevision"
     model_types = {"llava_onevision": "llava_onevision"}
     system_message = SYS_QWEN2  # passed explicitly (§4.4)
+    default_image_processor = "slow"  # the paper's reference ran the PIL LlavaOnevisionImageProcessor (§3.2)
 
     def _model_class(self) -> type:
         from transformers import LlavaOnevisionForConditionalGeneration

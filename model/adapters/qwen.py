@@ -3,6 +3,14 @@
 Frames are resized by us (PIL bicubic, qwen-vl-utils' smart_resize rule) to sizes that are multiples of the
 processor's patch × merge factor, and handed to the processor with its own resizing and frame sampling switched
 off, so the processor only normalises and patchifies.
+
+Video passes (calls 1 and 4) carry their own M-RoPE position ids, made by :func:`paper_mrope_positions` with the
+rule of the paper's library (transformers 4.52, SPEC §3.1): the text after a video block starts one past the
+block's largest position in any of the three rows. transformers 5 starts it at ``start + max(h, w)`` instead,
+which differs whenever ``(t−1)·interval ≥ max(h, w)`` (e.g. every 16-frame Qwen2.5-VL video resized to a longer
+side ≤ 392 px). ``generate`` then extends each row by one per new token, which is 4.52's ``cache_position +
+rope_delta``. Image passes (calls 2, 5) and call 3 keep the library's positions: with one temporal slot both rules
+agree (``max(0, h−1, w−1) + 1 = max(h, w)``), and call 3 has no visual block.
 """
 from __future__ import annotations
 
@@ -20,6 +28,41 @@ from .base import MLLMAdapter, VisualBatch, load_rgb
 #: Qwen2.5-VL's M-RoPE time step per temporal slot: the reference's processor default (fps 2, temporal patch 2)
 SECOND_PER_GRID_T = 1.0
 MIN_TOKENS = 4  # min_pixels = 4·factor² (the image minimum, also for video, as in the reference)
+#: value of ``settings.mrope_positions`` for video passes positioned by :func:`paper_mrope_positions` (§3.1)
+PAPER_MROPE = "transformers-4.52"
+
+
+def paper_mrope_positions(input_ids: torch.Tensor, visual_token_id: int, grids: Sequence[tuple[int, int, int]],
+                          interval: float) -> torch.Tensor:
+    """(3, L) M-RoPE positions (time, height, width) of one unpadded token sequence, as in transformers 4.52.
+
+    ``grids`` holds the merged (t, h, w) grid of each run of ``visual_token_id`` tokens, in order. Text tokens get
+    one position, the same in all three rows, one more than the previous token's. A visual block starting at s puts
+    token (i, j, k) at (s + ⌊i·interval⌋, s + j, s + k), and the text after it starts at the block's largest
+    position + 1 = s + max(⌊(t−1)·interval⌋, h−1, w−1) + 1 (SPEC §3.1).
+    """
+    ids = input_ids.tolist()
+    positions = torch.empty(3, len(ids), dtype=torch.long)
+    blocks = iter(grids)
+    next_position, i = 0, 0
+    while i < len(ids):
+        if ids[i] != visual_token_id:
+            positions[:, i] = next_position
+            next_position += 1
+            i += 1
+            continue
+        t, h, w = next(blocks)
+        size = t * h * w
+        if ids[i:i + size] != [visual_token_id] * size:
+            raise RuntimeError(f"a visual block of grid {(t, h, w)} needs {size} consecutive visual tokens")
+        time = torch.tensor([math.floor(slot * interval) for slot in range(t)])
+        block = torch.stack(torch.meshgrid(time, torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
+        positions[:, i:i + size] = next_position + block
+        next_position = int(positions[:, i:i + size].max()) + 1
+        i += size
+    if next(blocks, None) is not None:
+        raise RuntimeError("more visual grids than visual blocks in the sequence")
+    return positions
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -56,6 +99,8 @@ class QwenVLAdapter(MLLMAdapter):
     #: (patch, merge, temporal patch) every checkpoint of the family has (SPEC §3.1), or None where the layout is
     #: taken from the processor without a fixed expectation (Qwen3-VL, §3.4)
     vision_layout: ClassVar[tuple[int, int, int] | None] = (14, 2, 2)
+    default_image_processor = "slow"  # the reference used use_fast=False (§3.1 "Other facts")
+    mrope_positions: ClassVar[str | None] = PAPER_MROPE
 
     def _model_class(self) -> type:
         if self.family == "qwen2_vl":
@@ -110,10 +155,29 @@ class QwenVLAdapter(MLLMAdapter):
             # default for a list of frames differs, so set it explicitly
             inputs["second_per_grid_ts"] = torch.full((1,), SECOND_PER_GRID_T)
         grid = (grid_thw[0], grid_thw[1] // self.merge, grid_thw[2] // self.merge)
+        positions = self._video_positions(inputs["input_ids"][0], grid)
+        if positions is not None:
+            inputs["position_ids"] = positions[:, None, :]  # (3, B = 1, L)
         return self._batch(inputs, [self.video_token_id], grid)
 
+    def video_time_interval(self) -> float:
+        """M-RoPE time step per temporal slot: tokens_per_second × second_per_grid_t (2 × 1.0) for Qwen2.5-VL,
+        1 for Qwen2-VL, whose time index is the slot index (SPEC §3.1)."""
+        if self.family == "qwen2_5_vl":
+            return float(self.model.config.vision_config.tokens_per_second) * SECOND_PER_GRID_T
+        return 1.0
+
+    def _video_positions(self, input_ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor | None:
+        """Position ids of a video pass by the paper library's rule (module docstring, SPEC §3.1); None leaves
+        them to the model."""
+        return paper_mrope_positions(input_ids, self.video_token_id, [grid], self.video_time_interval())
+
     def _video_processor_kwargs(self, frame_count: int) -> dict[str, Any]:
-        """Extra processor arguments of a video of ``frame_count`` frames (none for Qwen2/2.5-VL)."""
+        """Extra processor arguments of a video of ``frame_count`` frames."""
+        if hasattr(self.processor.video_processor, "cap_pixels_per_frame"):
+            # the cap only acts when the processor resizes, which it never does here (§3.1); passing the current
+            # behaviour explicitly answers its deprecation warning, which would otherwise appear on every run
+            return {"cap_pixels_per_frame": False}
         return {}
 
     # ----- frame level (calls 2, 5) ---------------------------------------------------------------------------

