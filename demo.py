@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("decaf.demo")
     if args.tiny:
         log.warning("--tiny: %s", DISCLAIMER)
-    from model.api import Segmenter, VideoSource, check_expression
+    from model.api import Segmenter, VideoSource, check_checkpoints, check_expression
     from model.atomic import write_manifest
     from model.sam2_prompting import sam2_extension_loaded
     from model.visualize import save_outputs
@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = SegmentSettings(**{name: getattr(args, name) for name in SegmentSettings.field_names()})
     # the expression, every frame and both checkpoints are checked before either model loads
     expression = check_expression(args.exp)
+    check_checkpoints(args.version, args.vision_pretrained, args.vision_pretrained_config)
     source = VideoSource.open(args.video_path)
     try:
         frame_size = source.verify()

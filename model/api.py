@@ -137,6 +137,18 @@ class VideoSource:
             self._decoded.cleanup()
 
 
+def check_checkpoints(version: str | os.PathLike, vision_pretrained: str | os.PathLike,
+                      vision_pretrained_config: str) -> type:
+    """Check that both checkpoints are complete and the SAM2 config is known, without loading anything; return the
+    MLLM's adapter class (read from its ``config.json``)."""
+    adapter_class = adapter_for_checkpoint(version)
+    check_checkpoint_files(version)
+    if not Path(vision_pretrained).is_file():
+        raise DecafError(f"SAM2 checkpoint not found: {vision_pretrained}; {SAM2_HELP}")
+    resolve_sam2_config(vision_pretrained_config)  # an unknown config name fails now as well
+    return adapter_class
+
+
 def check_expression(expression: str) -> str:
     """The expression stripped of surrounding whitespace (SPEC §1.5); an empty one is an error."""
     stripped = expression.strip()
@@ -209,11 +221,7 @@ class Segmenter:
         self.progress = progress
         self.device = device or default_device()
         # both checkpoints are checked before either is loaded: a missing SAM2 file must not cost a 7B load
-        adapter_class = adapter_for_checkpoint(version)
-        check_checkpoint_files(version)
-        if not Path(vision_pretrained).is_file():
-            raise DecafError(f"SAM2 checkpoint not found: {vision_pretrained}; {SAM2_HELP}")
-        resolve_sam2_config(vision_pretrained_config)  # an unknown config name fails now as well
+        adapter_class = check_checkpoints(version, vision_pretrained, vision_pretrained_config)
         with self._stage(f"loading {Path(version).name} ({adapter_class.__name__}, {precision}) on {self.device}"):
             options = AdapterOptions(**{f.name: getattr(settings, f.name) for f in fields(AdapterOptions)})
             self.adapter = adapter_class(version, device=self.device, precision=precision,
@@ -351,6 +359,7 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
     segment_settings = SegmentSettings(**settings)
     # the expression and every frame are checked before the models load (a bad frame must not cost a 7B load)
     expression = check_expression(expression)
+    check_checkpoints(version, vision_pretrained, vision_pretrained_config)
     source = VideoSource.open(video)
     try:
         source.verify()
