@@ -7,11 +7,14 @@ Example (Ref-DAVIS17, Qwen2.5-VL-7B caches from stage 1):
 from __future__ import annotations
 
 from model.errors import run_cli
-from model.stage2 import mask_main
+from model.parsers import build_mask_parser
 
 
 def main(argv=None) -> int:
-    return mask_main(argv)
+    args = build_mask_parser().parse_args(argv)
+    from model.stage2 import run_masks  # torch and SAM2 load only after parsing: --help answers at once
+
+    return run_masks(args)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ Example (the reference's keypoint run on Ref-DAVIS17):
 from __future__ import annotations
 
 from model.errors import run_cli
-from model.stage2 import keypoint_main
+from model.parsers import build_keypoint_parser
 
 
 def main(argv=None) -> int:
-    return keypoint_main(argv)
+    args = build_keypoint_parser().parse_args(argv)
+    from model.stage2 import run_keypoints  # torch and SAM2 load only after parsing: --help answers at once
+
+    return run_keypoints(args)
 
 
 if __name__ == "__main__":

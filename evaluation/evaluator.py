@@ -50,7 +50,7 @@ KEYPOINTS = EvaluatorSpec("eval_rvos_keypoints", keypoints_worker, keypoints=Tru
 
 
 def build_parser(spec: EvaluatorSpec, description: str) -> argparse.ArgumentParser:
-    """The flags of SPEC §13.3 (``--offset`` for keypoints, ``--protocol`` for the dense evaluator)."""
+    """The flags of SPEC §13.3 (``--offset`` for keypoints); scores follow the paper's VISA protocol (§11.11)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("pred_path", type=Path,
                         help="prediction folder holding <video key>/<exp_id>/ (e.g. outputs/.../davis_valid); "
@@ -80,10 +80,6 @@ def build_parser(spec: EvaluatorSpec, description: str) -> argparse.ArgumentPars
     if spec.keypoints:
         parser.add_argument("--offset", type=int, default=25,
                             help="half-size o of the hit window in pixels (default 25; the reference scripts used 14)")
-    if spec is DENSE:
-        parser.add_argument("--protocol", choices=("visa", "davis2017"), default="visa",
-                            help="'visa' (default): one J/F per expression, the paper's protocol (SPEC §11.11); "
-                                 "'davis2017' (official DAVIS protocol) is not implemented")
     return parser
 
 
@@ -93,9 +89,6 @@ def _check_arguments(spec: EvaluatorSpec, args: argparse.Namespace) -> None:
                          "evaluation/zip_refvos_results.py instead")
     if args.dataset == "ytvos":
         raise DecafError("Ref-YouTube-VOS has no local GT; submit it with evaluation/zip_refvos_results.py")
-    if getattr(args, "protocol", "visa") == "davis2017":
-        raise DecafError("--protocol davis2017 (official DAVIS-2017 protocol, SPEC §11.11) is not implemented; "
-                         "use the default --protocol visa")
     if args.num_workers < 0:
         raise DecafError(f"--num_workers must be >= 0, got {args.num_workers}")
     if spec.keypoints and args.offset < 1:

@@ -6,15 +6,19 @@ Example:
 """
 from __future__ import annotations
 
-from model.adapters.qwen3_vl import Qwen3VLAdapter
 from model.errors import run_cli
-from model.stage1 import stage1_main
+from model.parsers import build_stage1_parser
 
 FAMILY_FLAGS = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image")
 
 
 def main(argv=None) -> int:
-    return stage1_main(argv, Qwen3VLAdapter, FAMILY_FLAGS, __doc__.splitlines()[0])
+    args = build_stage1_parser(__doc__.splitlines()[0], FAMILY_FLAGS).parse_args(argv)
+    # the model code (torch, transformers) loads only after parsing: --help and flag errors answer at once
+    from model.adapters.qwen3_vl import Qwen3VLAdapter
+    from model.stage1 import run_stage1
+
+    return run_stage1(args, Qwen3VLAdapter, FAMILY_FLAGS)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import prompts
 from .adapters import adapter_for_checkpoint
 from .adapters.base import AdapterOptions, check_checkpoint_files, resolve_layer_range
 from .cli_args import default_device

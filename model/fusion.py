@@ -19,12 +19,12 @@ import torch
 from .cache import AttentionCache
 from .errors import DecafError
 from .precision import strict_fp32
+from .settings import FUSION_MODES
 
 #: Gaussian kernel sizes for video-level and frame-level maps (SPEC §6.2)
 VIDEO_KERNEL_SIZE = 3
 FRAME_KERNEL_SIZE = 7
 GAUSSIAN_SIGMA = 1.0
-FUSION_MODES = ("both", "video", "frame")
 
 
 @functools.lru_cache(maxsize=None)

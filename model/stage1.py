@@ -21,9 +21,9 @@ from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files,
                             layer_count, read_checkpoint_config, resolve_layer_range)
 from .atomic import check_writable_folder, library_versions, output_claim
 from .cache import load_cache, save_cache, setting_mismatches
-from .cli_args import (add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, default_device,
-                       model_name_of)
+from .cli_args import default_device, model_name_of
 from .errors import DecafError
+from .parsers import FAMILY_FLAGS, build_stage1_parser
 from .paths import cache_file_name, cache_folder, run_folder
 from .prompting import PipelineSettings, PromptingPipeline
 from .prompts import is_empty_expression
@@ -31,52 +31,6 @@ from .run_record import RunRecord, StepCounter
 from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.stage1")
-
-FAMILY_FLAGS = {
-    "attn_max_token": (int, 400, "Qwen families: merged tokens per video time slot; max_pixels = value·28² "
-                                 "(·32² for Qwen3-VL) (SPEC §3.1)"),
-    "attn_resize_scale": (int, 2, "Qwen families: frame-level images are s× the video frame size per side "
-                                  "(SPEC §3.1)"),
-    "attn_max_token_per_image": (int, -1, "Qwen families: if > 0, frame-level images keep their aspect ratio with "
-                                          "max_pixels = value·28² (·32² for Qwen3-VL) instead of the s× rule"),
-    "max_patches": (int, 12, "InternVL: maximum number of 448-px tiles per frame (SPEC §3.3)"),
-}
-
-
-def build_parser(description: str, family_flags: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_job_args(parser)
-    add_run_folder_args(parser, version_required=True)
-    group = parser.add_argument_group("extraction")
-    group.add_argument("--attn_max_batch", type=batch_arg, default=4,
-                       help="frame-level conversations per forward pass; only memory changes. 'auto' starts with "
-                            "all frames and halves the chunk on CUDA out-of-memory (SPEC §5.6)")
-    group.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
-                       help="MLLM weight and forward dtype (AWQ checkpoints force fp16); captured attention is "
-                            "always fp32")
-    group.add_argument("--attn_implementation", choices=("sdpa", "flash_attention_2"), default=None,
-                       help="kernel of the model's own forward (default: flash_attention_2 if installed, else sdpa)")
-    group.add_argument("--rollout_impl", choices=("streamed", "literal"), default="streamed",
-                       help="'streamed' row-vector rollout (O(L·d) memory, SPEC §5.8a) or the paper-literal L×L "
-                            "oracle (for tests and small inputs)")
-    group.add_argument("--rollout_dtype", choices=("fp32", "bf16"), default="fp32",
-                       help="precision of the captured attention and rollout; fp32 reproduces the paper, bf16 is "
-                            "an opt-in extension (SPEC §5.5)")
-    group.add_argument("--no_background", action="store_true",
-                       help="ablation (Table 4a): skip calls 3-5 and write object maps only to a '_obj-only' folder")
-    group.add_argument("--save_bg_captions", action="store_true",
-                       help="also decode the background passes (calls 4-5) and store their captions")
-    group.add_argument("--max_new_tokens", type=int, default=128,
-                       help="greedy decoding length of the answers (SPEC §4.7: 128); lower it only for smoke tests "
-                            "of random-weight models, it can change obj_name")
-    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add_image_processor_arg(group)
-    for name in family_flags:
-        kind, default, text = FAMILY_FLAGS[name]
-        group.add_argument(f"--{name}", type=kind, default=default, help=text)
-    return parser
-
 
 def expected_meta(args: argparse.Namespace, family: str, num_layers: int, start: int, end: int,
                   adapter_settings: dict[str, Any]) -> dict[str, Any]:
@@ -107,10 +61,14 @@ def finished(path: Path, expected: dict[str, Any], overwrite: bool) -> bool:
 
 def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], family_flags: Sequence[str],
                 description: str) -> int:
-    """Entry point of an ``inference_attn_map_<family>.py`` script."""
+    """An ``inference_attn_map_<family>.py`` script on these arguments."""
+    return run_stage1(build_stage1_parser(description, family_flags).parse_args(argv), adapter_class, family_flags)
+
+
+def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], family_flags: Sequence[str]) -> int:
+    """Stage 1 on parsed arguments (:func:`model.parsers.build_stage1_parser`) with one family's adapter."""
     from evaluation.rvos_datasets import list_jobs, shard_from_env, shard_jobs
 
-    args = build_parser(description, family_flags).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_input_frames < 1:
         raise DecafError("--num_input_frames must be positive")

@@ -7,8 +7,8 @@ computed once for all its expressions (§8.10). Each output is computed under a 
 (:func:`model.atomic.output_claim`), so concurrent processes on one output folder never compute it twice. The model
 family always comes from the cache (§14 #27).
 
-The scripts ``inference_attn_mask.py`` and ``inference_keypoints.py`` call :func:`mask_main` and
-:func:`keypoint_main`; :func:`run_mask_job` and :func:`run_keypoint_job` are the per-job Python API. SAM2 (and
+The scripts ``inference_attn_mask.py`` and ``inference_keypoints.py`` parse their flags with
+:mod:`model.parsers` and call :func:`run_masks` and :func:`run_keypoints`; :func:`run_mask_job` and :func:`run_keypoint_job` are the per-job Python API. SAM2 (and
 its Hydra stack) is imported only when SAM masks are asked for, so coarse masks and keypoints start quickly.
 """
 from __future__ import annotations
@@ -30,86 +30,19 @@ from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_
 from .adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
 from .atomic import atomic_directory, check_writable_folder, output_claim
 from .cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
-from .cli_args import add_job_args, add_run_folder_args, default_device, model_name_of
+from .cli_args import default_device, model_name_of
 from .coarse_masks import coarse_masks
 from .errors import DecafError
-from .fusion import FUSION_MODES, fuse_cache
+from .fusion import fuse_cache
 from .keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
+from .parsers import build_keypoint_parser, build_mask_parser
 from .paths import DEFAULT_THRESHOLD, cache_file_name, cache_folder, output_folder, output_kind, run_folder
 from .run_record import RunRecord
-from .settings import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
 from .video import check_frame_sizes, frame_name, list_frames, read_frame_size, sample_indices
 
 log = logging.getLogger("decaf.stage2")
 
 ATTN_MASK, SAM_MASK, KEYPOINT = "attn-mask", "sam-mask", "keypoint"
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def _add_fusion_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("fusion (SPEC §6)")
-    group.add_argument("--no_background", action="store_true",
-                       help="ablation (Table 4a): fuse the object maps only; background maps of a full cache are "
-                            "ignored, and an '_obj-only' cache is accepted. Outputs get the '_obj-only' suffix")
-    group.add_argument("--fusion", choices=FUSION_MODES, default="both",
-                       help="ablation (Table 4b): which levels enter Φ; 'video'/'frame' outputs get the "
-                            "'_video-only'/'_frame-only' suffix")
-
-
-def _add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
-    group = parser.add_argument_group("outputs")
-    group.add_argument("--vis_save_path", default=None,
-                       help=f"output folder of the {what} (default: outputs/<model_name>/F<N>_L<start>-<end>/"
-                            f"inf-uniform-F<N>-<kind>/<data>)" + (
-                                "; with both --predict_attn_mask and --predict_sam_mask each kind goes to its own "
-                                "subfolder <vis_save_path>/<kind>" if what == "masks" else ""))
-    group.add_argument("--use_saved_attn", action="store_true",
-                       help="accepted for compatibility with the reference scripts; no effect (the cache is "
-                            "always read)")
-    group.add_argument("--save_overlay", action="store_true",
-                       help="accepted for compatibility with the reference scripts; no effect")
-
-
-def build_mask_parser() -> argparse.ArgumentParser:
-    """Flags of ``inference_attn_mask.py`` (SPEC §13.2, stage-2 subset)."""
-    parser = argparse.ArgumentParser(
-        description="DecAF stage 2: fuse each job's attention cache into Φ and write coarse attention masks "
-                    "(Otsu, SPEC §7) and/or SAM2 masks (SPEC §8) as PNGs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_job_args(parser)
-    add_run_folder_args(parser, version_required=False)
-    _add_fusion_args(parser)
-    group = parser.add_argument_group("masks")
-    group.add_argument("--predict_attn_mask", action="store_true",
-                       help="write coarse masks: one PNG per sampled frame into the 'attn-mask' folder")
-    group.add_argument("--predict_sam_mask", action="store_true",
-                       help="write SAM2 masks: one PNG per frame (all F) into the 'sam-mask' folder")
-    group.add_argument("--point_threshold", type=float, default=DEFAULT_THRESHOLD,
-                       help="τ_pq: cells with Φ ≥ this value become SAM2 point prompts (inclusive, SPEC §8.3)")
-    group.add_argument("--final_score_threshold", type=float, default=DEFAULT_THRESHOLD,
-                       help="τ_trk: tracklets with final score > this value are kept (strict, SPEC §8.7)")
-    group.add_argument("--vision_pretrained", default=DEFAULT_SAM2_CHECKPOINT, help="SAM2 checkpoint file")
-    group.add_argument("--vision_pretrained_config", default=DEFAULT_SAM2_CONFIG,
-                       help="SAM2 config name (SAM 2.0 Hiera-L by default, SPEC §8.1)")
-    group.add_argument("--sam2_overrides", nargs="*", default=[], metavar="OVERRIDE",
-                       help="extra Hydra overrides for building SAM2 (not used by the paper; tests pass "
-                            "'++model.image_size=256' to load a tiny checkpoint)")
-    group.add_argument("--device", default=None, help="torch device for SAM2 (default: cuda if available, else cpu)")
-    _add_output_args(parser, "masks")
-    return parser
-
-
-def build_keypoint_parser() -> argparse.ArgumentParser:
-    """Flags of ``inference_keypoints.py`` (SPEC §9.1, §13.2)."""
-    parser = argparse.ArgumentParser(
-        description="DecAF keypoints: fuse each job's attention cache into Φ and save its 100 highest cells as "
-                    "keypoints.pt (SPEC §9.1–§9.2). Needs neither frames' pixels nor SAM2.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_job_args(parser)
-    add_run_folder_args(parser, version_required=False)
-    _add_fusion_args(parser)
-    _add_output_args(parser, "keypoints")
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------------- settings
@@ -371,8 +304,12 @@ def load_sam(args: argparse.Namespace, device: str) -> tuple[SamPrompting, bool]
 
 
 def mask_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``inference_attn_mask.py``."""
-    args = build_mask_parser().parse_args(argv)
+    """``inference_attn_mask.py`` on these arguments."""
+    return run_masks(build_mask_parser().parse_args(argv))
+
+
+def run_masks(args: argparse.Namespace) -> int:
+    """Stage 2 on parsed ``inference_attn_mask.py`` arguments (:func:`model.parsers.build_mask_parser`)."""
     _configure_logging()
     kinds = [kind for kind, wanted in ((ATTN_MASK, args.predict_attn_mask), (SAM_MASK, args.predict_sam_mask))
              if wanted]
@@ -467,8 +404,12 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
 
 
 def keypoint_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``inference_keypoints.py``."""
-    args = build_keypoint_parser().parse_args(argv)
+    """``inference_keypoints.py`` on these arguments."""
+    return run_keypoints(build_keypoint_parser().parse_args(argv))
+
+
+def run_keypoints(args: argparse.Namespace) -> int:
+    """Keypoints on parsed ``inference_keypoints.py`` arguments (:func:`model.parsers.build_keypoint_parser`)."""
     _configure_logging()
     settings = resolve_run_settings(args)
     layout = resolve_layout(args, settings, [KEYPOINT])

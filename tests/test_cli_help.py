@@ -48,3 +48,23 @@ def test_the_checker_finds_an_undocumented_flag():
     page = "options:\n  -h, --help  show this help message and exit\n  --quiet\n  --long_flag_name LONG_FLAG_NAME\n" \
            "                        explained\n"
     assert undocumented_options(page) == ["--quiet"]
+
+
+def imported_modules(script: str, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run a script with ``-X importtime`` and return its result and the top-level modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), *args], capture_output=True,
+                            text=True, env=subprocess_env(), timeout=120)
+    modules = {match.group(1).split(".")[0]
+               for match in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", result.stderr, re.M)}
+    return result, modules
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if "inference" in s or s == "demo.py"])
+def test_help_and_flag_errors_answer_before_torch_loads(script):
+    """``--help`` and a bad flag value are answered by the parser alone; torch and the models load after it."""
+    result, modules = imported_modules(script, "--help")
+    assert result.returncode == 0 and "torch" not in modules and "transformers" not in modules
+    result, modules = imported_modules(script, "--dataset", "davis", "--version", "v", "--video_path", "v",
+                                       "--exp", "e", "--attn_layer_idx_start", "half")
+    assert result.returncode == 2 and "torch" not in modules, result.stderr[-2000:]
+    assert "--attn_layer_idx_start" in result.stderr.splitlines()[-1]

@@ -175,13 +175,14 @@ def test_dense_davis_end_to_end_subprocess(tmp_path):
     assert "overall: J" in proc.stdout
 
 
-def test_davis2017_protocol_is_rejected(tmp_path, capsys):
+def test_unimplemented_davis2017_protocol_is_not_offered(tmp_path, capsys):
+    """SPEC §11.11's official-DAVIS option is not implemented, so no flag offers it."""
     root, pred_root, *_ = build_davis(tmp_path, with_expected=False)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(eval_rvos.main, [str(pred_root), "--dataset", "davis", "--data_root", str(root),
                                  "--protocol", "davis2017"])
     assert exit_info.value.code == EXIT_USER_ERROR
-    assert "not implemented" in capsys.readouterr().err
+    assert "unrecognized arguments: --protocol" in capsys.readouterr().err
 
 
 def test_spawn_pool_matches_in_process(tmp_path):
