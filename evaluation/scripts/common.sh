@@ -216,16 +216,16 @@ _decaf_detect_launcher() {
 }
 
 # Folder names for one threshold pair (SPEC §12.2–§12.4), from evaluation/scripts/run_paths.py.
-_decaf_paths() {  # <point threshold> <final score threshold> <grid 0|1>
-    local -a grid=()
+_decaf_paths() {  # <point threshold> <final score threshold> <grid 0|1> [--check STEPS --sam2_ckpt FILE]
+    local -a grid=() check=("${@:4}")
     [[ $3 == 1 ]] && grid=(--threshold_grid)
     _DECAF_SAM_ARGS=("${_DECAF_SAM_HEAD[@]}" --point_threshold "$1" --final_score_threshold "$2"
                      "${_DECAF_SAM_TAIL[@]}")
     local assignments
     assignments=$("$PYTHON" "$DECAF_REPO/evaluation/scripts/run_paths.py" --attn_root "$ATTN_ROOT" \
         --output_root "$OUTPUT_ROOT" --results_root "$RESULTS_ROOT" --run_suffix "$RUN_SUFFIX" "${grid[@]}" \
-        --stage1 "${_DECAF_STAGE1[@]}" --stage2 "${_DECAF_SAM_ARGS[@]}") \
-        || _decaf_die "could not derive the run folders (see the message above)"
+        "${check[@]}" --stage1 "${_DECAF_STAGE1[@]}" --stage2 "${_DECAF_SAM_ARGS[@]}") \
+        || exit 2  # run_paths.py printed the one-line reason; nothing has run
     eval "$assignments"
 }
 
@@ -272,7 +272,12 @@ _decaf_sharded() {  # <log label> <takes --device: 0|1> <command...>
         fi
     done
     trap - INT TERM
-    (( failed == 0 )) || echo "error: step '$label' failed in at least one shard; rerunning resumes it" >&2
+    if (( failed == 3 )); then  # EXIT_JOBS_FAILED: the step finished, some jobs failed (listed in its manifest)
+        echo "error: step '$label' failed some jobs in at least one shard; fix their inputs and rerun: finished" \
+             "jobs are kept and only the failed ones run again" >&2
+    elif (( failed != 0 )); then
+        echo "error: step '$label' failed in at least one shard (see the lines above)" >&2
+    fi
     return "$failed"
 }
 
@@ -346,7 +351,8 @@ decaf_run() {
     _decaf_settings
     _decaf_select_steps
     _decaf_detect_launcher
-    _decaf_paths "$POINT_THRESHOLD" "$FINAL_SCORE_THRESHOLD" 0
+    # the data root, meta file and checkpoints are checked once here, before any shard starts
+    _decaf_paths "$POINT_THRESHOLD" "$FINAL_SCORE_THRESHOLD" 0 --check "${_DECAF_SELECTED[*]}" --sam2_ckpt "$SAM2_CKPT"
     local shards="${#GPU_LIST[@]} shard(s) on GPU_LIST (${GPU_LIST[*]})"
     [[ -n $_DECAF_LAUNCHER ]] && shards="one $_DECAF_LAUNCHER shard per process"
     echo "== $MODEL_NAME on $DATA_NAME: steps ${_DECAF_SELECTED[*]}; device $DEVICE, $shards; cache $ATTN_DIR"

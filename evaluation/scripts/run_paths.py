@@ -11,6 +11,11 @@ Usage (what common.sh runs):
         [--threshold_grid] --stage1 <stage-1 arguments...> --stage2 <stage-2 arguments...>
 
 Printed names: DATA_NAME, CACHE_RUN_FOLDER, RUN_FOLDER, ATTN_DIR, COARSE_DIR, SAM_DIR, KEYPOINT_DIR, ZIP_PATH, LOG_DIR.
+
+With ``--check STEPS`` it first checks, once for the whole run and before any shard starts, what the selected steps
+need: the benchmark's meta file and frame folder under the data root, the MLLM checkpoint (stage 1) and the SAM2
+checkpoint (SAM step). A problem is one line on stderr and exit status 2, so that a configuration error is not
+reported once per GPU shard.
 """
 from __future__ import annotations
 
@@ -55,6 +60,10 @@ def helper_parser() -> argparse.ArgumentParser:
                              "suffix of their own (e.g. '_no-ms' for --attn_resize_scale 1)")
     parser.add_argument("--threshold_grid", action="store_true",
                         help="name the SAM folder with its thresholds even at 0.80/0.80 (threshold grid, §13.5)")
+    parser.add_argument("--check", default=None, metavar="STEPS",
+                        help="first check the inputs of these space-separated run-script steps (data root, meta "
+                             "file, checkpoints) and exit 2 with one line if one is missing")
+    parser.add_argument("--sam2_ckpt", default=None, help="SAM2 checkpoint the SAM step will load (for --check)")
     return parser
 
 
@@ -79,12 +88,32 @@ def resolved_start(args: argparse.Namespace) -> int:
                                args.attn_layer_idx_end)[0]
 
 
+def check_inputs(steps: Sequence[str], stage1: argparse.Namespace, sam2_ckpt: str | None) -> None:
+    """What the selected steps read must exist before any shard starts (SPEC §10.1, §13.2)."""
+    from evaluation.rvos_datasets import list_jobs
+
+    if any(step in steps for step in ("attn", "coarse", "sam", "keypoints", "coarse_eval", "sam_eval",
+                                      "keypoint_eval")):
+        if not list_jobs(stage1.dataset, stage1.data_root, stage1.testset):  # reads the meta file; names what is missing
+            raise DecafError(f"the {stage1.dataset} meta file under {stage1.data_root} lists no expression")
+    if "attn" in steps:
+        from model.adapters import adapter_for_checkpoint
+        from model.adapters.base import check_checkpoint_files
+
+        adapter_for_checkpoint(stage1.version)  # config.json present and a supported family
+        check_checkpoint_files(stage1.version)
+    if "sam" in steps and sam2_ckpt and not Path(sam2_ckpt).is_file():
+        raise DecafError(f"SAM2 checkpoint not found: {sam2_ckpt}; set SAM2_CKPT or see ckpts/README.md")
+
+
 def run_paths(argv: Sequence[str]) -> dict[str, str]:
     """The folders of one pipeline, keyed by the shell variable names common.sh uses."""
     own, stage1_argv, stage2_argv = split_argv(argv)
     opts = helper_parser().parse_args(own)
     stage1, _ = stage_parser().parse_known_args(stage1_argv)
     stage2, _ = stage_parser().parse_known_args(stage2_argv)
+    if opts.check is not None:
+        check_inputs(opts.check.split(), stage1, opts.sam2_ckpt)
     for flags in (stage1, stage2):
         if flags.attn_save_path or flags.vis_save_path:
             raise DecafError("the run scripts set --attn_save_path/--vis_save_path themselves; move the run with "
