@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
@@ -30,7 +31,7 @@ from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_
 from .adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
 from .atomic import atomic_directory, check_writable_folder, output_claim
 from .cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
-from .cli_args import add_job_args, add_run_folder_args, default_device, model_name_of
+from .cli_args import add_job_args, add_run_folder_args, default_device, model_name_of, positive_int
 from .coarse_masks import coarse_masks
 from .errors import DecafError
 from .fusion import FUSION_MODES, fuse_cache
@@ -96,6 +97,11 @@ def build_mask_parser() -> argparse.ArgumentParser:
                        help="extra Hydra overrides for building SAM2 (not used by the paper; tests pass "
                             "'++model.image_size=256' to load a tiny checkpoint)")
     group.add_argument("--device", default=None, help="torch device for SAM2 (default: cuda if available, else cpu)")
+    group.add_argument("--sam2_batch", type=positive_int, default=1, metavar="N",
+                       help="SAM2 objects (candidate points, tracked masks) run as one batch, N at a time; 1 runs "
+                            "each object alone, the per-object computation. Larger N is faster but not "
+                            "bit-identical: batched kernels round differently, and a pixel on the mask boundary "
+                            "can flip (docs/benchmarks.md)")
     _add_output_args(parser, "masks")
     return parser
 
@@ -227,11 +233,13 @@ class VideoFrames:
 
 @dataclass
 class SamPrompting:
-    """A loaded SAM2 predictor and the two thresholds of SPEC §8.3 and §8.7."""
+    """A loaded SAM2 predictor, the two thresholds of SPEC §8.3 and §8.7, and how objects are batched."""
 
     predictor: Any
     point_threshold: float = DEFAULT_THRESHOLD
     final_score_threshold: float = DEFAULT_THRESHOLD
+    batch_size: int = 1  # SAM2 objects per batch (--sam2_batch)
+    progress: bool = False  # transient per-phase progress bars
 
 
 @dataclass
@@ -308,7 +316,8 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
         from .sam2_prompting import sam2_masks
 
         result = sam2_masks(sam.predictor, phi, video.frames, keys, point_threshold=sam.point_threshold,
-                            final_score_threshold=sam.final_score_threshold, features=features)
+                            final_score_threshold=sam.final_score_threshold, features=features,
+                            batch_size=sam.batch_size, progress=sam.progress)
         expected_shape = (len(video.frames), *video.frame0_size)
         if tuple(result.masks.shape) != expected_shape:
             raise RuntimeError(f"SAM2 returned masks of shape {tuple(result.masks.shape)}, expected {expected_shape}")
@@ -368,7 +377,8 @@ def load_sam(args: argparse.Namespace, device: str) -> tuple[SamPrompting, bool]
 
     predictor = load_sam2_predictor(args.vision_pretrained_config, args.vision_pretrained, device,
                                     hydra_overrides=tuple(args.sam2_overrides))
-    return SamPrompting(predictor, args.point_threshold, args.final_score_threshold), sam2_extension_loaded()
+    return (SamPrompting(predictor, args.point_threshold, args.final_score_threshold, args.sam2_batch, progress=True),
+            sam2_extension_loaded())
 
 
 def mask_main(argv: Sequence[str] | None = None) -> int:
@@ -392,11 +402,13 @@ def mask_main(argv: Sequence[str] | None = None) -> int:
 
     record = RunRecord(len(jobs), f"stage 2 [{args.dataset}]", args.fail_fast, skipped)
     meta_path = dataset_files(args.dataset, args.data_root, args.testset).meta
-    with logging_redirect_tqdm():
-        for group in group_by_video(jobs):
+    videos = group_by_video(jobs)
+    with logging_redirect_tqdm(), tqdm(total=len(videos), desc="stage 2", unit="video", dynamic_ncols=True) as bar:
+        for group in videos:
             if record.stopped:
                 break
             _run_mask_video(group, args, settings, layout, sam, record, meta_path)
+            bar.update()
     return record.close(list(layout.outputs.values()), "attn-mask", args,
                         resolved={"layer_start": settings.layer_start, "num_layers": settings.num_layers,
                                   "device": device, "subset_num": subset_num, "subset_idx": subset_idx,
