@@ -10,6 +10,12 @@ package (1.1.0) is used as installed; every behaviour change is an override in :
 * **B3/B4** :meth:`~DecafSAM2Predictor.propagate_in_video` processes frame 0 when reverse propagation starts there
   and shows no progress bar; every other step is the stock one.
 
+The pipeline itself drives SAM2 through :meth:`~DecafSAM2Predictor.decode_points` (B2 for a batch of single-point
+objects) and :meth:`~DecafSAM2Predictor.track_masks` (mask prompts of one frame tracked forward, then backward to
+frame 0, B3), which run the stock per-frame steps (``_run_single_frame_inference``, ``_run_memory_encoder``) on a
+batch of independent objects with their own memory bank (SPEC §8.10); with one object they are exactly the stock
+``add_new_points_or_box`` / ``add_new_mask`` + ``propagate_in_video`` computation.
+
 SAM2 runs in fp32 without autocast and with PyTorch's default TF32 flags (§0.6, §8.1); nothing here changes them.
 """
 from __future__ import annotations

@@ -367,6 +367,26 @@ def assert_equal_up_to_rounding(batched: torch.Tensor, alone: torch.Tensor) -> N
     assert (alone[flipped].abs() <= ROUNDING).all()
 
 
+def test_one_object_is_exactly_the_stock_session_computation(predictor, features) -> None:
+    """decode_points / track_masks with one object = the stock add calls and propagation, bit for bit (T3)."""
+    session = predictor.init_state_from_cache(features, KEY_FRAMES)
+    point = torch.tensor([[0.6, 0.5]])
+    logits, iou = predictor.decode_points(session, 2, point)
+    predictor.reset_state(session)
+    _, _, stock_logits, stock_iou = predictor.add_new_points_with_iou(
+        session, 2, 100, point, torch.tensor([1], dtype=torch.int32), normalize_coords=False)
+    assert torch.equal(logits, stock_logits[:, 0]) and torch.equal(iou[0], stock_iou)
+
+    prompt = binarize(logits)
+    ours = [(frame, tracked.clone()) for frame, tracked in predictor.track_masks(session, 2, prompt)]
+    predictor.reset_state(session)
+    predictor.add_new_mask(session, 2, 100, prompt[0])
+    stock = [(f, out[:, 0].clone()) for f, _, out in predictor.propagate_in_video(session, 2, 2)]
+    stock += [(f, out[:, 0].clone()) for f, _, out in predictor.propagate_in_video(session, 1, 2, reverse=True)]
+    assert [f for f, _ in ours] == [f for f, _ in stock] == [2, 3, 1, 0]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, stock))
+
+
 def test_batched_objects_equal_per_object_up_to_rounding(predictor, video, features) -> None:
     """``batch_size`` > 1 runs the stock steps on a batch of objects (SPEC §8.10); kernels are not batch-invariant,
     so logits agree up to rounding only, and the per-object computation (batch size 1) stays the default."""
