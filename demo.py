@@ -15,7 +15,7 @@ import logging
 from typing import Sequence
 
 # only light modules before the arguments are parsed: --help and a bad flag answer at once, before torch loads
-from model.cli_args import add_image_processor_arg, batch_arg, layer_start_arg, prompt_version_arg
+from model.cli_args import add_image_processor_arg, batch_arg, layer_start_arg, positive_int, prompt_version_arg
 from model.errors import DecafError, run_cli
 from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
 from model.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="τ_pq: cells of the fused map with value >= this become SAM2 point prompts (inclusive)")
     sam.add_argument("--final_score_threshold", type=float, default=DEFAULTS.final_score_threshold,
                      help="τ_trk: tracklets whose final score is > this value prompt the whole video (strict)")
+    sam.add_argument("--sam2_batch", type=positive_int, default=DEFAULTS.sam2_batch, metavar="N",
+                     help="SAM2 objects run as one batch, N at a time; 1 (default) is the per-object computation. "
+                          "Larger N is faster but not bit-identical (a boundary pixel can flip)")
 
     tiny = parser.add_argument_group("trying it offline")
     tiny.add_argument("--tiny", action="store_true",

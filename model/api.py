@@ -325,7 +325,8 @@ class Segmenter:
 
         with self._stage(f"SAM2 on {len(frames)} frames", timings, "sam2"):
             sam = sam2_masks(self.predictor, phi, frames, keys, point_threshold=s.point_threshold,
-                             final_score_threshold=s.final_score_threshold, features=self._features_for(source))
+                             final_score_threshold=s.final_score_threshold, features=self._features_for(source),
+                             batch_size=s.sam2_batch, progress=self.progress)
         if sam.degenerate:
             degenerate.append(f"{sam.degenerate}: the SAM2 masks are empty (SPEC §8.9)")
         elif not sam.masks.any():

@@ -35,6 +35,16 @@ def batch_arg(value: str) -> int | str:
     return number
 
 
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from exc
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def prompt_version_arg(value: str) -> int:
     if value not in ("0", "1", "2", "3"):
         raise argparse.ArgumentTypeError(f"prompt versions are 0, 1, 2 or 3, got {value!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .cli_args import add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg
+from .cli_args import add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, positive_int
 from .paths import DEFAULT_THRESHOLD
 from .settings import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, FUSION_MODES
 
@@ -110,6 +110,11 @@ def build_mask_parser() -> argparse.ArgumentParser:
                        help="extra Hydra overrides for building SAM2 (not used by the paper; tests pass "
                             "'++model.image_size=256' to load a tiny checkpoint)")
     group.add_argument("--device", default=None, help="torch device for SAM2 (default: cuda if available, else cpu)")
+    group.add_argument("--sam2_batch", type=positive_int, default=1, metavar="N",
+                       help="SAM2 objects (candidate points, tracked masks) run as one batch, N at a time; 1 runs "
+                            "each object alone, the per-object computation. Larger N is faster but not "
+                            "bit-identical: batched kernels round differently, and a pixel on the mask boundary "
+                            "can flip (docs/benchmarks.md)")
     add_output_args(parser, "masks")
     return parser
 

@@ -10,6 +10,12 @@ package (1.1.0) is used as installed; every behaviour change is an override in :
 * **B3/B4** :meth:`~DecafSAM2Predictor.propagate_in_video` processes frame 0 when reverse propagation starts there
   and shows no progress bar; every other step is the stock one.
 
+The pipeline itself drives SAM2 through :meth:`~DecafSAM2Predictor.decode_points` (B2 for a batch of single-point
+objects) and :meth:`~DecafSAM2Predictor.track_masks` (mask prompts of one frame tracked forward, then backward to
+frame 0, B3), which run the stock per-frame steps (``_run_single_frame_inference``, ``_run_memory_encoder``) on a
+batch of independent objects with their own memory bank (SPEC §8.10); with one object they are exactly the stock
+``add_new_points_or_box`` / ``add_new_mask`` + ``propagate_in_video`` computation.
+
 SAM2 runs in fp32 without autocast and with PyTorch's default TF32 flags (§0.6, §8.1); nothing here changes them.
 """
 from __future__ import annotations
@@ -17,12 +23,15 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
+import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import sam2
 import torch
+import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
@@ -55,11 +64,16 @@ def sam2_extension_loaded() -> bool:
     """Whether sam2's compiled ``_C`` extension imports, which hole filling needs (SPEC §8.1); logged once.
 
     Without it SAM2 skips filling holes of area ≤ 8 in the low-resolution logits and masks differ slightly. The
-    kernel is CUDA-only, so on a CPU device hole filling is skipped even when the extension loads.
+    kernel is CUDA-only, so on a CPU device hole filling is skipped even when the extension loads. SAM2 itself
+    would warn about the missing extension again, with the same import error, on the first hole filling of the
+    process; that warning (exactly that message) is silenced here, so the user reads it once, from us.
     """
     try:
         from sam2 import _C  # noqa: F401
     except (ImportError, OSError) as exc:
+        # sam2.utils.misc.fill_holes_in_mask_scores warns f"{error}\n\nSkipping the post-processing step …"
+        warnings.filterwarnings("ignore", message=re.escape(str(exc)) + r"\n\nSkipping the post-processing step",
+                                category=UserWarning)
         log.warning("SAM2 _C extension not available (%s): hole filling (fill_hole_area=8) is skipped, masks "
                     "differ slightly from a build with it (SPEC §8.1)", exc)
         return False
@@ -99,6 +113,24 @@ def _read_checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return content["model"]
 
 
+#: weights that only SAM 2.1 models have (the 2.1 configs add ``no_obj_embed_spatial`` and a projection of the
+#: object pointers' temporal encoding, ``proj_tpos_enc_in_obj_ptrs``); SAM 2.0 checkpoints hold neither
+SAM2_1_ONLY_WEIGHTS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")
+
+
+def _check_release(weights: dict[str, torch.Tensor], config_name: str, checkpoint: Path) -> None:
+    """A SAM 2.1 checkpoint with a SAM 2.0 config, or the reverse, fails here, before the model is built."""
+    checkpoint_is_2_1 = any(key in weights for key in SAM2_1_ONLY_WEIGHTS)
+    config_is_2_1 = config_name.startswith("configs/sam2.1/")
+    if checkpoint_is_2_1 == config_is_2_1:
+        return
+    name = Path(config_name).name
+    counterpart = name.replace("sam2_", "sam2.1_", 1) if checkpoint_is_2_1 else name.replace("sam2.1_", "sam2_", 1)
+    release, other = ("SAM 2.1", "SAM 2.0") if checkpoint_is_2_1 else ("SAM 2.0", "SAM 2.1")
+    raise DecafError(f"SAM2 checkpoint {checkpoint} is a {release} checkpoint but config {config_name} is "
+                     f"{other}; pass --vision_pretrained_config {counterpart}")
+
+
 def load_sam2_predictor(config: str = DEFAULT_CONFIG, checkpoint: str | Path = DEFAULT_CHECKPOINT,
                         device: str | torch.device = "cuda",
                         hydra_overrides: Sequence[str] = ()) -> DecafSAM2Predictor:
@@ -117,6 +149,7 @@ def load_sam2_predictor(config: str = DEFAULT_CONFIG, checkpoint: str | Path = D
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DecafError(f"SAM2 device {device} requested but CUDA is not available; use --device cpu")
     weights = _read_checkpoint_weights(checkpoint)
+    _check_release(weights, config_name, checkpoint)
     predictor_class = f"{DecafSAM2Predictor.__module__}.{DecafSAM2Predictor.__qualname__}"
     predictor = build_sam2_video_predictor(
         config_name, ckpt_path=None, device="cpu", mode="eval",
@@ -159,6 +192,11 @@ def _check_size(path: Path, size: tuple[int, int], expected: tuple[int, int]) ->
     if size != expected:
         raise DecafError(f"frame {path} is {size[1]}x{size[0]} but frame 0 of its video is "
                          f"{expected[1]}x{expected[0]}; all frames of a video must have one size (SPEC §2.4)")
+
+
+def _new_output_dict() -> dict[str, dict[int, Any]]:
+    """An empty memory bank of one (batch of) object(s), as the stock state keeps it per object."""
+    return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
 
 
 class FeatureCache:
@@ -224,6 +262,8 @@ class DecafSAM2Predictor(SAM2VideoPredictor):
             raise ValueError("clear_non_cond_mem_around_input is not supported by sam2 1.1.0")
         #: image-encoder passes made by this predictor (benchmarks, SPEC §8.11)
         self.encoder_calls = 0
+        #: frames processed by :meth:`track_masks`, each one step for a whole batch of objects (benchmarks)
+        self.tracking_steps = 0
         self._captured_ious: list[torch.Tensor] | None = None
 
     def forward_image(self, img_batch: torch.Tensor) -> dict[str, Any]:
@@ -329,6 +369,84 @@ class DecafSAM2Predictor(SAM2VideoPredictor):
             sam_outputs = outputs[1]
             self._captured_ious.append(sam_outputs[2])  # the decoder's IoU predictions, (B, num_masks)
         return outputs
+
+    # ---- batches of objects (SPEC §8.4 steps 2 and 6–8, §8.8, §8.10) --------------------------------------------
+
+    @torch.inference_mode()
+    def decode_points(self, inference_state: dict[str, Any], frame_idx: int,
+                      points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of N single positive points (relative (x, y), fp32) decoded as its own object, in one batch.
+
+        The steps of the stock ``add_new_points_or_box`` for a fresh object on an initial conditioning frame,
+        with the N objects as the batch: the coordinates times the image size, one SAM decoder call (multimask),
+        hole filling, and the upsampling to video resolution of the consolidated output. Returns the video-res
+        logits (N, H₀, W₀) and the predicted IoU of each kept mask (N,) as B2 defines it (SPEC §8.2, §8.4 step 2).
+        The session's object structures are not used, so no reset is needed.
+        """
+        device = inference_state["device"]
+        count = points.shape[0]
+        point_inputs = {"point_coords": (points.float() * self.image_size)[:, None, :].to(device),
+                        "point_labels": torch.ones(count, 1, dtype=torch.int32, device=device)}
+        self._captured_ious = []
+        try:
+            out, _ = self._run_single_frame_inference(
+                inference_state=inference_state, output_dict=_new_output_dict(), frame_idx=frame_idx,
+                batch_size=count, is_init_cond_frame=True, point_inputs=point_inputs, mask_inputs=None,
+                reverse=False, run_mem_encoder=False)
+            (ious,) = self._captured_ious
+        finally:
+            self._captured_ious = None
+        return self._video_res(inference_state, out["pred_masks"])[:, 0], ious.max(dim=1).values
+
+    @torch.inference_mode()
+    def track_masks(self, inference_state: dict[str, Any], frame_idx: int,
+                    masks: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """N mask prompts on one frame, tracked as a batch of N objects: yields (frame, logits (N, H₀, W₀)).
+
+        The steps of the stock ``add_new_mask`` (resize to S², ≥ 0.5, the mask-as-output path) and of the memory
+        encoding in ``propagate_in_video_preflight``, then forward propagation from ``frame_idx`` to the last frame
+        and, in the same memory bank without reset, backward propagation from ``frame_idx − 1`` to frame 0
+        (SPEC §8.4 steps 6–8, §8.8; B3). The objects share their prompt frame and so every memory selection; they
+        never interact (``non_overlap_masks`` is off, §8.10).
+        """
+        device = inference_state["device"]
+        mask_inputs = masks[:, None].float().to(device)
+        if mask_inputs.shape[-2:] != (self.image_size, self.image_size):
+            mask_inputs = F.interpolate(mask_inputs, size=(self.image_size, self.image_size), align_corners=False,
+                                        mode="bilinear", antialias=True)
+            mask_inputs = (mask_inputs >= 0.5).float()
+        count = masks.shape[0]
+        output_dict = _new_output_dict()
+        prompt_out, _ = self._run_single_frame_inference(
+            inference_state=inference_state, output_dict=output_dict, frame_idx=frame_idx, batch_size=count,
+            is_init_cond_frame=True, point_inputs=None, mask_inputs=mask_inputs, reverse=False,
+            run_mem_encoder=False)
+        high_res_masks = F.interpolate(prompt_out["pred_masks"].to(device), size=(self.image_size, self.image_size),
+                                       mode="bilinear", align_corners=False)
+        prompt_out["maskmem_features"], prompt_out["maskmem_pos_enc"] = self._run_memory_encoder(
+            inference_state=inference_state, frame_idx=frame_idx, batch_size=count, high_res_masks=high_res_masks,
+            object_score_logits=prompt_out["object_score_logits"], is_mask_from_pts=True)
+        output_dict["cond_frame_outputs"][frame_idx] = prompt_out
+        num_frames = inference_state["num_frames"]
+        for reverse, order in ((False, range(frame_idx, num_frames)), (True, range(frame_idx - 1, -1, -1))):
+            for index in order:
+                if index == frame_idx:
+                    pred_masks = prompt_out["pred_masks"].to(device, non_blocking=True)
+                else:
+                    current_out, pred_masks = self._run_single_frame_inference(
+                        inference_state=inference_state, output_dict=output_dict, frame_idx=index,
+                        batch_size=count, is_init_cond_frame=False, point_inputs=None, mask_inputs=None,
+                        reverse=reverse, run_mem_encoder=True)
+                    output_dict["non_cond_frame_outputs"][index] = current_out
+                self.tracking_steps += 1
+                yield index, self._get_orig_video_res_output(inference_state, pred_masks)[1][:, 0]
+
+    def _video_res(self, inference_state: dict[str, Any], low_res_masks: torch.Tensor) -> torch.Tensor:
+        """Low-res logits at video resolution as the stock consolidation at video resolution computes them."""
+        size = (inference_state["video_height"], inference_state["video_width"])
+        if low_res_masks.shape[-2:] != size:
+            low_res_masks = F.interpolate(low_res_masks, size=size, mode="bilinear", align_corners=False)
+        return self._get_orig_video_res_output(inference_state, low_res_masks)[1]
 
     # ---- B3 and B4: propagation ---------------------------------------------------------------------------------
 

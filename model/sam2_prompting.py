@@ -8,11 +8,16 @@
 4. Phase 2, on all F frames: each selected tracklet's own mask at its prompt frame is tracked forward then
    backward through the whole video; the output is the union (§8.8).
 
-Two permitted equivalent computations (§8.10) make this cheaper than the reference while giving identical masks
-(T3): every candidate point and every mask prompt runs as the only object of its session (one session per phase,
-reset before each object, which clears every per-object structure; objects never interact in this SAM2 version,
-and this avoids re-consolidating all objects after each add call), and with a :class:`FeatureCache` each frame of a
-video is encoded at most once for all phases and expressions.
+Two permitted equivalent computations (§8.10) make this cheaper than the reference: every candidate point and
+every mask prompt is its own object with its own memory bank, tracked independently (objects never interact in this
+SAM2 version, and this avoids re-consolidating all objects after each add call), and with a :class:`FeatureCache`
+each frame of a video is encoded at most once for all phases and expressions. Both give identical masks (T3).
+
+Objects can also run through SAM2 as a batch (``batch_size``, ``--sam2_batch``): a frame's candidate points through
+one prompt-encoder and mask-decoder call, a frame's kept masks or a group's prompts tracked as one batch of
+objects. The steps are the stock ones, but PyTorch's kernels are not batch-invariant (a GEMM over N objects may
+round differently from N GEMMs over one), so logits differ in the last bits and a pixel on the 0.5 boundary can
+flip; batch size 1, the per-object computation, is therefore the default (see ``docs/benchmarks.md``).
 
 The pure steps (:func:`candidate_points`, :func:`nms`, :func:`update_tracklets`, :func:`ac_scores`,
 :func:`select_tracklets`) are separate functions so that they can be checked against literal implementations.
@@ -27,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .errors import DecafError
 from .sam2_predictor import (DecafSAM2Predictor, FeatureCache, load_sam2_predictor, resolve_sam2_config,
@@ -39,11 +45,11 @@ __all__ = ["Candidate", "DecafSAM2Predictor", "FeatureCache", "SamPromptResult",
 
 log = logging.getLogger(__name__)
 
-#: SAM2 object ids of a frame's prompts are 100, 101, … (SPEC §8.4); with per-object sessions only 100 + c is used
-FIRST_OBJECT_ID = 100
 #: NMS overlap threshold, compared strictly in fp32 (SPEC §8.5)
 NMS_IOU_THRESHOLD = np.float32(0.7)
 NO_CANDIDATE = "no candidate point"
+#: objects per SAM2 batch by default; 1 runs every object alone (the per-object computation of SPEC §8.10)
+DEFAULT_BATCH_SIZE = 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,16 @@ def update_tracklets(tracklets: Sequence[Tracklet], delete_prev: Sequence[int],
     return [tracklet for k, tracklet in enumerate(tracklets) if k not in deleted] + list(new_tracklets)
 
 
+def _foreground_mass(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The foreground cells B_t = {Φ_t > μ_t} (T, h_f, w_f) and D = Σ_t Σ_{B_t} Φ_t in fp32 (SPEC §8.6).
+
+    D is summed over the selected cells only, ``Φ[B].sum()`` as the reference does; summing ``where(B, Φ, 0)``
+    over all cells adds the same values in another order and differs in the last bit for many maps.
+    """
+    foreground = phi > phi.mean(dim=(1, 2), keepdim=True)
+    return foreground, phi[foreground].sum()
+
+
 def ac_scores(phi: torch.Tensor, tracklet_masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Attention-consistency score of each tracklet, SPEC §8.6, in fp32: a tensor (num_tracklets,).
 
@@ -176,8 +192,7 @@ def ac_scores(phi: torch.Tensor, tracklet_masks: Sequence[torch.Tensor]) -> torc
     if not tracklet_masks:
         return torch.zeros(0, dtype=torch.float32)
     num_frames, height, width = phi.shape
-    foreground = phi > phi.mean(dim=(1, 2), keepdim=True)
-    denominator = torch.where(foreground, phi, torch.zeros_like(phi)).sum()
+    foreground, denominator = _foreground_mass(phi)
     peak = torch.where(foreground, phi, torch.full_like(phi, -torch.inf)).amax(dim=(1, 2))
     peak = torch.where(foreground.flatten(1).any(dim=1), peak, torch.zeros_like(peak))
     reward = torch.where(foreground, phi, -peak[:, None, None])
@@ -225,76 +240,77 @@ def _open_session(predictor: DecafSAM2Predictor, frame_paths: list[Path], video_
     return predictor.init_state_from_frames([frame_paths[index] for index in video_frame_indices])
 
 
+def _chunks(count: int, size: int) -> Iterator[range]:
+    return (range(begin, min(begin + size, count)) for begin in range(0, count, size))
+
+
 def _decode_points(predictor: DecafSAM2Predictor, session: dict[str, Any], t: int,
-                   candidates: Sequence[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+                   candidates: Sequence[Candidate], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Point masks m_c (N_t, H₀, W₀) and best-IoU predictions u_c (N_t) of one frame's candidates (§8.4 step 2).
 
-    Each point is decoded alone in a freshly reset session (§8.10) as an initial conditioning frame; the mask is
-    the video-resolution upsampling of its hole-filled low-resolution logits, as the reference's consolidated
-    output of its last add call holds it. SAM2 receives the relative coordinates times its image size.
+    Each point is its own object on an initial conditioning frame without memory (§8.10); ``batch_size`` of them
+    go through the prompt encoder and mask decoder together. The mask is the video-resolution upsampling of the
+    hole-filled low-resolution logits, as the reference's consolidated output of its last add call holds it.
+    SAM2 receives the relative coordinates times its image size.
     """
-    label = torch.tensor([1], dtype=torch.int32)
+    points = torch.tensor([[candidate.x, candidate.y] for candidate in candidates], dtype=torch.float32)
     masks, ious = [], []
-    for c, candidate in enumerate(candidates):
-        predictor.reset_state(session)
-        point = torch.tensor([[candidate.x, candidate.y]], dtype=torch.float32)
-        _, _, logits, best_iou = predictor.add_new_points_with_iou(
-            session, t, FIRST_OBJECT_ID + c, point, label, normalize_coords=False)
-        masks.append(_binarize(logits[0, 0]))
-        ious.append(best_iou.float().cpu())
-    return torch.stack(masks), torch.stack(ious)
+    for chunk in _chunks(len(candidates), batch_size):
+        logits, best_ious = predictor.decode_points(session, t, points[chunk.start:chunk.stop])
+        masks.append(_binarize(logits))
+        ious.append(best_ious.float().cpu())
+    return torch.cat(masks), torch.cat(ious)
 
 
-def _propagate_mask(predictor: DecafSAM2Predictor, session: dict[str, Any], frame: int, mask: torch.Tensor,
-                    obj_id: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Track one mask prompt: yields (frame, bool mask) for every session frame (§8.4 steps 6–8, §8.8).
+def _track(predictor: DecafSAM2Predictor, session: dict[str, Any], frame: int, prompts: torch.Tensor,
+           batch_size: int) -> Iterator[tuple[range, int, torch.Tensor]]:
+    """Track mask prompts (N, H₀, W₀) of one frame, ``batch_size`` objects at a time (§8.4 steps 6–8, §8.8).
 
-    Forward from the prompt frame to the end, then, in the same session without reset, backward from the frame
-    before it to frame 0 (which therefore uses the forward-tracked frames as memory).
+    Yields (objects, session frame, bool masks (len(objects), H₀, W₀)): forward from the prompt frame to the end,
+    then backward from the frame before it to frame 0 without reset (§8.4 step 7).
     """
-    predictor.reset_state(session)
-    predictor.add_new_mask(session, frame, obj_id, mask)
-    num_frames = session["num_frames"]
-    for index, _, logits in predictor.propagate_in_video(session, frame, num_frames - frame, reverse=False):
-        yield index, _binarize(logits[0, 0])
-    if frame > 0:
-        for index, _, logits in predictor.propagate_in_video(session, frame - 1, frame, reverse=True):
-            yield index, _binarize(logits[0, 0])
+    for chunk in _chunks(prompts.shape[0], batch_size):
+        for index, logits in predictor.track_masks(session, frame, prompts[chunk.start:chunk.stop]):
+            yield chunk, index, _binarize(logits)
 
 
-def _phase1_tracklets(predictor: DecafSAM2Predictor, session: dict[str, Any],
-                      candidates: list[list[Candidate]], video_size: tuple[int, int]) -> list[Tracklet]:
+def _phase1_tracklets(predictor: DecafSAM2Predictor, session: dict[str, Any], candidates: list[list[Candidate]],
+                      video_size: tuple[int, int], batch_size: int = 1, progress: bool = False) -> list[Tracklet]:
     """Phase 1 on the sampled clip, SPEC §8.4: the surviving tracklets in list order."""
     num_frames = len(candidates)
     tracklets: list[Tracklet] = []
-    for t, frame_candidates in enumerate(candidates):
+    for t in tqdm(range(num_frames), desc="SAM2 phase 1", unit="key frame", disable=not progress, leave=False,
+                  dynamic_ncols=True):
+        frame_candidates = candidates[t]
         if not frame_candidates:
             continue
-        point_masks, ious = _decode_points(predictor, session, t, frame_candidates)
+        point_masks, ious = _decode_points(predictor, session, t, frame_candidates, batch_size)
         attention = torch.tensor([candidate.attention for candidate in frame_candidates], dtype=torch.float32)
         scores = ious + attention  # s_c = u_c + a_c in fp32 (step 3)
         keep, delete_prev = nms(point_masks, scores, tracklets, t)
-        new_tracklets = []
-        for r, c in enumerate(keep):
-            masks = torch.zeros((num_frames, *video_size), dtype=torch.bool)
-            for index, mask in _propagate_mask(predictor, session, t, point_masks[c], FIRST_OBJECT_ID + r):
-                masks[index] = mask
-            new_tracklets.append(Tracklet(masks=masks, score=float(scores[c]), frame=t))
+        masks = torch.zeros((len(keep), num_frames, *video_size), dtype=torch.bool)
+        for objects, index, tracked in _track(predictor, session, t, point_masks[keep], batch_size):
+            masks[objects.start:objects.stop, index] = tracked
+        new_tracklets = [Tracklet(masks=masks[r], score=float(scores[c]), frame=t) for r, c in enumerate(keep)]
         tracklets = update_tracklets(tracklets, delete_prev, new_tracklets)
     return tracklets
 
 
-def _phase2_union(predictor: DecafSAM2Predictor, session: dict[str, Any],
-                  prompts: Sequence[tuple[int, torch.Tensor]], video_size: tuple[int, int]) -> np.ndarray:
+def _phase2_union(predictor: DecafSAM2Predictor, session: dict[str, Any], prompts: Sequence[tuple[int, torch.Tensor]],
+                  video_size: tuple[int, int], batch_size: int = 1, progress: bool = False) -> np.ndarray:
     """Phase 2, SPEC §8.8: the union over all prompts of their tracked masks, uint8 (F, H₀, W₀) in {0, 255}.
 
-    Every prompt is tracked in its own session (§8.10), so grouping the prompts by frame is not needed: the
-    union does not depend on the order.
+    The prompts are grouped by video frame in order of first appearance; a group's prompts are tracked as a batch
+    of independent objects (§8.10), and the union does not depend on the order.
     """
-    union = torch.zeros((session["num_frames"], *video_size), dtype=torch.bool)
+    groups: dict[int, list[torch.Tensor]] = {}
     for frame, mask in prompts:
-        for index, tracked in _propagate_mask(predictor, session, frame, mask, FIRST_OBJECT_ID):
-            union[index] |= tracked
+        groups.setdefault(frame, []).append(mask)
+    union = torch.zeros((session["num_frames"], *video_size), dtype=torch.bool)
+    for frame, masks in tqdm(groups.items(), desc="SAM2 phase 2", unit="prompt group", disable=not progress,
+                             leave=False, dynamic_ncols=True):
+        for _, index, tracked in _track(predictor, session, frame, torch.stack(masks), batch_size):
+            union[index] |= tracked.any(dim=0)
     return union.numpy().astype(np.uint8) * np.uint8(255)
 
 
@@ -315,15 +331,20 @@ def _check_job(phi: torch.Tensor, frame_paths: list[Path], key_frame_indices: Se
 
 def sam2_masks(predictor: DecafSAM2Predictor, phi: torch.Tensor, frame_paths: list[Path],
                key_frame_indices: list[int], *, point_threshold: float = 0.8, final_score_threshold: float = 0.8,
-               features: FeatureCache | None = None) -> SamPromptResult:
+               features: FeatureCache | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+               progress: bool = False) -> SamPromptResult:
     """Dense masks of one expression on every frame of its video, SPEC §8.
 
     ``phi`` is the fused map (T, h_f, w_f), fp32 in [0, 1]; ``frame_paths`` are all F frames of the video in
     order; ``key_frame_indices`` the T sampled indices k_t. With ``features`` (one :class:`FeatureCache` per video)
     encoder outputs are reused across phases and expressions; without it every session encodes its frames as
-    the stock predictor does. Both give identical masks (T3). Without any candidate point the masks are all
-    zero, with a warning and ``degenerate`` set (§8.9).
+    the stock predictor does. Both give identical masks (T3). ``batch_size`` objects (candidate points, kept
+    masks, a group's prompts) run through SAM2 together; 1 is the per-object computation. ``progress`` shows a
+    transient bar per phase. Without any candidate point the masks are all zero, with a warning and
+    ``degenerate`` set (§8.9).
     """
+    if batch_size < 1:
+        raise DecafError(f"the SAM2 batch size must be a positive integer, got {batch_size}")
     frame_paths = [Path(path) for path in frame_paths]
     key_frame_indices = [int(index) for index in key_frame_indices]
     _check_job(phi, frame_paths, key_frame_indices, features)
@@ -341,7 +362,7 @@ def sam2_masks(predictor: DecafSAM2Predictor, phi: torch.Tensor, frame_paths: li
     # SAM2 runs in fp32: make sure no caller's autocast region reaches it (SPEC §8.1)
     with torch.inference_mode(), torch.autocast(predictor.device.type, enabled=False):
         sampled_session = _open_session(predictor, frame_paths, key_frame_indices, features)
-        tracklets = _phase1_tracklets(predictor, sampled_session, candidates, video_size)
+        tracklets = _phase1_tracklets(predictor, sampled_session, candidates, video_size, batch_size, progress)
         del sampled_session
         ac = ac_scores(phi, [tracklet.masks for tracklet in tracklets])
         selected = select_tracklets([tracklet.score for tracklet in tracklets], ac, final_score_threshold)
@@ -349,7 +370,7 @@ def sam2_masks(predictor: DecafSAM2Predictor, phi: torch.Tensor, frame_paths: li
         prompts = [(key_frame_indices[tracklets[m].frame], tracklets[m].masks[tracklets[m].frame])
                    for m in selected]
         video_session = _open_session(predictor, frame_paths, range(len(frame_paths)), features)
-        masks = _phase2_union(predictor, video_session, prompts, video_size)
+        masks = _phase2_union(predictor, video_session, prompts, video_size, batch_size, progress)
     log.debug("%s: %d candidates, %d tracklets, selected %s", frame_paths[0].parent, num_candidates,
               len(tracklets), selected)
     return SamPromptResult(masks, None, num_candidates, len(tracklets), selected,

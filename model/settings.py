@@ -35,6 +35,7 @@ class SegmentSettings:
     max_new_tokens: int = 128  # §4.7; lower only for smoke tests of random-weight models
     point_threshold: float = 0.8  # τ_pq, inclusive (§8.3)
     final_score_threshold: float = 0.8  # τ_trk, strict (§8.7)
+    sam2_batch: int = 1  # SAM2 objects per batch; 1 = per-object, the bit-exact default (§8.10)
 
     def __post_init__(self) -> None:
         if self.num_input_frames < 1:
@@ -43,6 +44,8 @@ class SegmentSettings:
             raise DecafError(f"attn_max_batch must be a positive integer or 'auto', got {self.attn_max_batch!r}")
         if self.attn_layer_idx_start != "auto" and not isinstance(self.attn_layer_idx_start, int):
             raise DecafError(f"attn_layer_idx_start must be an integer or 'auto', got {self.attn_layer_idx_start!r}")
+        if not isinstance(self.sam2_batch, int) or self.sam2_batch < 1:
+            raise DecafError(f"sam2_batch must be a positive integer, got {self.sam2_batch!r}")
         if self.max_new_tokens < 1:
             raise DecafError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         for name in ("prompt_obj_ver", "prompt_bg_ver", "prompt_obj_cnt_ver"):

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
@@ -159,11 +160,13 @@ class VideoFrames:
 
 @dataclass
 class SamPrompting:
-    """A loaded SAM2 predictor and the two thresholds of SPEC §8.3 and §8.7."""
+    """A loaded SAM2 predictor, the two thresholds of SPEC §8.3 and §8.7, and how objects are batched."""
 
     predictor: Any
     point_threshold: float = DEFAULT_THRESHOLD
     final_score_threshold: float = DEFAULT_THRESHOLD
+    batch_size: int = 1  # SAM2 objects per batch (--sam2_batch)
+    progress: bool = False  # transient per-phase progress bars
 
 
 @dataclass
@@ -240,7 +243,8 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
         from .sam2_prompting import sam2_masks
 
         result = sam2_masks(sam.predictor, phi, video.frames, keys, point_threshold=sam.point_threshold,
-                            final_score_threshold=sam.final_score_threshold, features=features)
+                            final_score_threshold=sam.final_score_threshold, features=features,
+                            batch_size=sam.batch_size, progress=sam.progress)
         expected_shape = (len(video.frames), *video.frame0_size)
         if tuple(result.masks.shape) != expected_shape:
             raise RuntimeError(f"SAM2 returned masks of shape {tuple(result.masks.shape)}, expected {expected_shape}")
@@ -300,7 +304,8 @@ def load_sam(args: argparse.Namespace, device: str) -> tuple[SamPrompting, bool]
 
     predictor = load_sam2_predictor(args.vision_pretrained_config, args.vision_pretrained, device,
                                     hydra_overrides=tuple(args.sam2_overrides))
-    return SamPrompting(predictor, args.point_threshold, args.final_score_threshold), sam2_extension_loaded()
+    return (SamPrompting(predictor, args.point_threshold, args.final_score_threshold, args.sam2_batch, progress=True),
+            sam2_extension_loaded())
 
 
 def mask_main(argv: Sequence[str] | None = None) -> int:
@@ -328,11 +333,13 @@ def run_masks(args: argparse.Namespace) -> int:
 
     record = RunRecord(len(jobs), f"stage 2 [{args.dataset}]", args.fail_fast, skipped)
     meta_path = dataset_files(args.dataset, args.data_root, args.testset).meta
-    with logging_redirect_tqdm():
-        for group in group_by_video(jobs):
+    videos = group_by_video(jobs)
+    with logging_redirect_tqdm(), tqdm(total=len(videos), desc="stage 2", unit="video", dynamic_ncols=True) as bar:
+        for group in videos:
             if record.stopped:
                 break
             _run_mask_video(group, args, settings, layout, sam, record, meta_path)
+            bar.update()
     return record.close(list(layout.outputs.values()), "attn-mask", args,
                         resolved={"layer_start": settings.layer_start, "num_layers": settings.num_layers,
                                   "device": device, "subset_num": subset_num, "subset_idx": subset_idx,

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.sam2_prompting as prompting
 from model.sam2_prompting import (Candidate, Tracklet, ac_scores, candidate_points, mask_iou, nms, select_tracklets,
                                   update_tracklets)
 
@@ -208,6 +209,24 @@ def test_ac_scores_match_literal_loops() -> None:
     np.testing.assert_allclose(got.numpy(), literal_ac(phi, masks), rtol=1e-5, atol=1e-7)
     assert got[-1] == 0
     assert float(got.max()) == pytest.approx(1.0, abs=1e-6)  # the best positive tracklet is normalised to ≈ 1
+
+
+def test_ac_denominator_is_the_sum_over_foreground_cells_to_the_last_bit() -> None:
+    """D = Σ_t Σ_{B_t} Φ_t (SPEC §8.6) equals, bit for bit, the fp32 sum of the foreground values taken one by one
+    in row-major order; the old where(B, Φ, 0).sum() differs in the last bit for a large share of these maps."""
+    rng = np.random.default_rng(5)
+    where_differs = 0
+    for _ in range(300):
+        frames, height, width = (int(n) for n in rng.integers([1, 2, 2], [17, 30, 53]))
+        phi = torch.from_numpy(rng.random((frames, height, width), dtype=np.float32) ** rng.uniform(0.5, 4))
+        mean = phi.mean(dim=(1, 2), keepdim=True)
+        selected = [value for value, above in zip(phi.flatten().tolist(), (phi > mean).flatten().tolist()) if above]
+        literal = torch.tensor(selected, dtype=torch.float32).sum()
+        foreground, denominator = prompting._foreground_mass(phi)
+        assert torch.equal(foreground, phi > mean)
+        assert denominator.dtype == torch.float32 and denominator.item() == literal.item()
+        where_differs += torch.where(foreground, phi, torch.zeros_like(phi)).sum().item() != literal.item()
+    assert where_differs > 30  # the test would catch a return to the old formula
 
 
 def test_ac_scores_negative_only_are_not_normalised() -> None:

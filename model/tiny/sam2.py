@@ -14,6 +14,7 @@ import torch
 from sam2.build_sam import build_sam2_video_predictor
 
 from ..atomic import atomic_write
+from ..sam2_predictor import resolve_sam2_config
 
 #: the SAM 2.0 Hiera-T config shipped inside the ``sam2`` package
 TINY_CONFIG = "sam2_hiera_t.yaml"
@@ -26,15 +27,16 @@ def build_tiny_sam2_checkpoint(path: Path, image_size: int = 256, seed: int = 0,
     """Write a random-weight Hiera-T checkpoint to ``path``; return ``(config name, hydra overrides)`` to load it.
 
     The weights depend only on ``seed`` (the global RNG state is left untouched). ``image_size`` must be a
-    multiple of 32 (Hiera-T's total stride). ``config`` names another shipped SAM 2.0 config, e.g.
-    ``sam2_hiera_l.yaml`` for GPU benchmarks of the full-size architecture.
+    multiple of 32 (Hiera-T's total stride). ``config`` names another shipped config, e.g.
+    ``sam2_hiera_l.yaml`` for GPU benchmarks of the full-size architecture or ``sam2.1_hiera_t.yaml`` for a
+    SAM 2.1 checkpoint.
     """
     if image_size <= 0 or image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
     overrides = [] if image_size == DEFAULT_IMAGE_SIZE else [f"++model.image_size={image_size}"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_sam2_video_predictor(f"configs/sam2/{config}", ckpt_path=None, device="cpu",
+        model = build_sam2_video_predictor(resolve_sam2_config(config), ckpt_path=None, device="cpu",
                                            hydra_overrides_extra=list(overrides), apply_postprocessing=True,
                                            vos_optimized=False)
     state = {"model": model.state_dict()}
