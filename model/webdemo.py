@@ -126,7 +126,8 @@ def extract_frames_zip(archive_path: Path, folder: Path, max_frames: int) -> Pat
     with archive:
         members = [member for member in archive.infolist()
                    if not member.is_dir() and PurePosixPath(member.filename).suffix.lower() in (".jpg", ".jpeg")
-                   and not any(part.startswith((".", "__MACOSX")) for part in PurePosixPath(member.filename).parts)]
+                   and not PurePosixPath(member.filename).name.startswith(".")
+                   and "__MACOSX" not in PurePosixPath(member.filename).parts]
         if not members:
             raise DecafError(f"{archive_path.name} holds no .jpg frames; zip a folder of JPEG frames")
         if len(members) > max_frames:
@@ -259,21 +260,24 @@ class WebDemo:
         if handler is not None:
             api_log.addHandler(handler)
         try:
-            return self._run(folder, upload, path_text or "", expression or "", num_input_frames, point_threshold,
-                             final_score_threshold, attn_max_batch, progress, started).values()
+            outputs = self._run(folder, upload, path_text or "", expression or "", num_input_frames, point_threshold,
+                                final_score_threshold, attn_max_batch, progress, started)
         except DecafError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            return Outputs(status_html("error", f"Error: {exc}")).values()
+            outputs = Outputs(status_html("error", f"Error: {exc}"))
         except Exception as exc:  # noqa: BLE001 - the page must survive any failure of one request
             shutil.rmtree(folder, ignore_errors=True)
             log.error("request failed:\n%s", traceback.format_exc())
             hint = ""
             if "out of memory" in str(exc).lower():
                 hint = "; try fewer sampled frames, a smaller attn_max_batch or a shorter clip"
-            return Outputs(status_html("error", f"Internal error: {type(exc).__name__}: {exc}{hint}")).values()
+            outputs = Outputs(status_html("error", f"Internal error: {type(exc).__name__}: {exc}{hint}"))
         finally:
             if handler is not None:
                 api_log.removeHandler(handler)
+        # the request number tells a script driving the page which request the status belongs to
+        outputs.status = f'<div data-request="{int(folder.name)}">{outputs.status}</div>'
+        return outputs.values()
 
     def _run(self, folder: Path, upload: str | None, path_text: str, expression: str, num_input_frames: float,
              point_threshold: float, final_score_threshold: float, attn_max_batch: str, progress: Any,
