@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -51,6 +52,8 @@ UPLOAD_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".avi", ".zip"]
 CLI_ONLY_FLAGS = ("video_path", "exp", "vis_save_path", "save_per_frame", "save_video", "save_masks")
 #: flags that --tiny replaces by the checkpoints it builds
 CHECKPOINT_FLAGS = ("version", "vision_pretrained", "vision_pretrained_config", "sam2_overrides")
+#: reading the clip, stage 1, fusion and coarse masks, SAM2, writing the outputs
+STAGE_COUNT = 5
 KEPT_REQUESTS = 2  # request folders kept on disk; Gradio serves copies from its own cache
 EXAMPLE_EXPRESSION = "the girl jumping on the bed"
 TINY_BANNER = ("<b>Tiny random-weight checkpoints (--tiny)</b>: random weights give meaningless masks and "
@@ -216,17 +219,25 @@ def timings_table(timings: dict[str, float]) -> str:
 
 
 class _StageProgress(logging.Handler):
-    """Shows each stage that :class:`Segmenter` logs as starting ('stage 1: MLLM calls …', 'SAM2 on …') as the
-    page's progress text; the stage's own tqdm bars (MLLM passes, SAM2 propagation) appear under it."""
+    """The page's progress: stage n of :data:`STAGE_COUNT`, named. The web demo reports reading the clip and
+    writing the outputs; the three stages between are the ones :class:`Segmenter` logs as starting ('stage 1: MLLM
+    calls …', 'fusion and coarse masks …', 'SAM2 on … frames …'). With ``track_tqdm`` the stages' own tqdm bars
+    (MLLM passes, SAM2 propagation) appear under it."""
 
     def __init__(self, progress: Any):
         super().__init__(logging.INFO)
         self.progress = progress
+        self.done = 0
+
+    def stage(self, description: str) -> None:
+        if self.progress is not None:
+            self.progress((self.done, STAGE_COUNT), desc=description, unit="stages")
+        self.done += 1
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.endswith(" …"):
-            self.progress(None, desc=message[:-2])
+            self.stage(message[:-2])
 
 
 class WebDemo:
@@ -255,13 +266,12 @@ class WebDemo:
         """One request; every user error becomes a message in the page (the server keeps serving)."""
         started = time.perf_counter()
         folder = self._new_request_folder()
-        handler = _StageProgress(progress) if progress is not None else None
+        stages = _StageProgress(progress)
         api_log = logging.getLogger("decaf.api")
-        if handler is not None:
-            api_log.addHandler(handler)
+        api_log.addHandler(stages)
         try:
             outputs = self._run(folder, upload, path_text or "", expression or "", num_input_frames, point_threshold,
-                                final_score_threshold, attn_max_batch, progress, started)
+                                final_score_threshold, attn_max_batch, stages, started)
         except DecafError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             outputs = Outputs(status_html("error", f"Error: {exc}"))
@@ -273,15 +283,14 @@ class WebDemo:
                 hint = "; try fewer sampled frames, a smaller attn_max_batch or a shorter clip"
             outputs = Outputs(status_html("error", f"Internal error: {type(exc).__name__}: {exc}{hint}"))
         finally:
-            if handler is not None:
-                api_log.removeHandler(handler)
+            api_log.removeHandler(stages)
         # the request number tells a script driving the page which request the status belongs to
         outputs.status = f'<div data-request="{int(folder.name)}">{outputs.status}</div>'
         return outputs.values()
 
     def _run(self, folder: Path, upload: str | None, path_text: str, expression: str, num_input_frames: float,
-             point_threshold: float, final_score_threshold: float, attn_max_batch: str, progress: Any,
-             started: float) -> Outputs:
+             point_threshold: float, final_score_threshold: float, attn_max_batch: str,
+             stages: _StageProgress, started: float) -> Outputs:
         if not expression.strip():
             raise DecafError("the expression is empty; type the object to segment, e.g. \"the dog\"")
         try:
@@ -293,15 +302,13 @@ class WebDemo:
         self.segmenter.update_settings(num_input_frames=int(num_input_frames), attn_max_batch=batch,
                                        point_threshold=float(point_threshold),
                                        final_score_threshold=float(final_score_threshold))
-        if progress is not None:
-            progress(None, desc="reading the clip")
+        stages.stage("reading the clip")
         read_started = time.perf_counter()
         source = open_input(upload, path_text, folder / "frames", self.max_frames)
         try:
             read_seconds = time.perf_counter() - read_started
             result = self.segmenter.segment(source, expression)
-            if progress is not None:
-                progress(None, desc="writing the overlay video, gallery and masks")
+            stages.stage("writing the overlay video, gallery and masks")
             write_started = time.perf_counter()
             out = folder / "outputs"
             video = write_overlay_video(result, out)
@@ -382,6 +389,15 @@ def build_page(app: WebDemo, defaults: SegmentSettings) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the models load when the server could not listen on ``host:port``."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise DecafError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port") from exc
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -396,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         raise DecafError("the web demo needs Gradio: pip install -e \".[web]\"") from exc
     started = time.perf_counter()
+    check_port_free(args.host, args.port)
     codec = browser_codec()  # fails now, not at the first request, where OpenCV writes no browser video
     workdir = Path(tempfile.mkdtemp(prefix="decaf-webdemo-"))
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "gradio"))

@@ -186,8 +186,9 @@ def page(server):
             browser.close()
 
 
-def submit(page, upload: Path | None, expression: str, path_text: str = "") -> str:
-    """Fill the form, press Segment and return the status text once the request finished."""
+def submit(page, upload: Path | None, expression: str, path_text: str = "", during: str | None = None) -> str:
+    """Fill the form, press Segment and return the status text once the request finished; ``during`` is a
+    progress text that must show while it runs."""
     from playwright.sync_api import expect
 
     upload_box = page.locator("#upload")
@@ -201,6 +202,8 @@ def submit(page, upload: Path | None, expression: str, path_text: str = "") -> s
     marker = page.locator("#status [data-request]")
     previous = int(marker.get_attribute("data-request")) if marker.count() else 0
     page.locator("#run").click()
+    if during is not None:
+        expect(page.get_by_text(during).first).to_be_visible(timeout=RUN_TIMEOUT_MS)
     page.wait_for_function(f"""() => {{ const m = document.querySelector('#status [data-request]');
                                         return m && Number(m.dataset.request) > {previous}; }}""",
                            timeout=RUN_TIMEOUT_MS)
@@ -249,7 +252,8 @@ def test_page_segments_an_upload_and_its_outputs_decode(page, server, tmp_path):
     frames = copy_frames(tmp_path / "bedroom", NUM_FRAMES, step=10)
     archive = zip_frames(frames, tmp_path / "bedroom.zip", folder="bedroom")
     started = time.perf_counter()
-    text = submit(page, archive, "the girl jumping on the bed")
+    # the progress names the stage (SAM2 on 4 frames takes seconds even on a fast CPU)
+    text = submit(page, archive, "the girl jumping on the bed", during=f"SAM2 on {NUM_FRAMES} frames")
     print(f"web demo request ({NUM_FRAMES} frames, tiny checkpoints, CPU): {time.perf_counter() - started:.1f} s")
     assert f"Done: {NUM_FRAMES} frames, {NUM_FRAMES} sampled" in text, text
     height, width = cv2.imread(str(frames[0])).shape[:2]
@@ -313,3 +317,15 @@ def test_help_explains_every_flag_without_gradio_loaded():
         assert flag in result.stdout
     assert "--video_path" not in result.stdout  # the CLI demo's input flags are left out
     assert undocumented_options(result.stdout) == []
+
+
+def test_busy_port_is_one_line_before_models_load():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "model.webdemo", "--tiny", "--port", str(port)], cwd=REPO,
+                                capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "building tiny" not in result.stderr
