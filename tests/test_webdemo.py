@@ -31,7 +31,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 #: what Chromium needs on these machines: no sandbox as root, no GPU, no calls to Google's services
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-NUM_FRAMES = 4  # frames of the uploaded clip; --tiny samples N = 4, so T = F = 4
+NUM_FRAMES = 4  # frames of the uploaded clip (--tiny samples N = 4)
+SAMPLED = 3  # N set in the page for the upload
 MAX_FRAMES = 6  # the server's --max_frames, so that a 7-frame clip is "too long"
 RUN_TIMEOUT_MS = 180_000  # one request on two loaded CPU cores takes ~15 s; leave room
 
@@ -251,11 +252,16 @@ def test_page_errors_are_readable_and_the_server_keeps_serving(page, tmp_path):
 def test_page_segments_an_upload_and_its_outputs_decode(page, server, tmp_path):
     frames = copy_frames(tmp_path / "bedroom", NUM_FRAMES, step=10)
     archive = zip_frames(frames, tmp_path / "bedroom.zip", folder="bedroom")
+    # a knob of the page reaches the loaded Segmenter: N = 3 of the 4 frames instead of the server's N = 4
+    page.get_by_text("Settings (paper defaults)").click()
+    frames_box = page.locator("#num-frames input[type=number]")
+    frames_box.fill(str(SAMPLED))
+    frames_box.press("Enter")
     started = time.perf_counter()
     # the progress names the stage (SAM2 on 4 frames takes seconds even on a fast CPU)
     text = submit(page, archive, "the girl jumping on the bed", during=f"SAM2 on {NUM_FRAMES} frames")
     print(f"web demo request ({NUM_FRAMES} frames, tiny checkpoints, CPU): {time.perf_counter() - started:.1f} s")
-    assert f"Done: {NUM_FRAMES} frames, {NUM_FRAMES} sampled" in text, text
+    assert f"Done: {NUM_FRAMES} frames, {SAMPLED} sampled" in text, text
     height, width = cv2.imread(str(frames[0])).shape[:2]
 
     # the overlay video: decoded by the browser itself, then fetched and decoded with OpenCV
@@ -277,7 +283,7 @@ def test_page_segments_an_upload_and_its_outputs_decode(page, server, tmp_path):
 
     # the gallery: four images per sampled frame (fused map, coarse mask, points, SAM2 mask), half size
     images = page.locator("#gallery img")
-    assert images.count() == 4 * NUM_FRAMES
+    assert images.count() == 4 * SAMPLED
     for index in range(images.count()):
         with Image.open(io.BytesIO(fetch(page, images.nth(index).get_attribute("src")))) as image:
             image.load()
