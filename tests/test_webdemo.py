@@ -335,3 +335,46 @@ def test_busy_port_is_one_line_before_models_load():
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
     assert "building tiny" not in result.stderr
+
+
+@pytest.mark.slow
+def test_page_segments_a_video_file_at_its_frame_rate(page, tmp_path):
+    """An MP4 upload (decoded by the API) comes back as an overlay video at the source frame rate."""
+    frames = copy_frames(tmp_path / "frames", 2, step=15)
+    height, width = cv2.imread(str(frames[0])).shape[:2]
+    clip = tmp_path / "two.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (width, height))
+    for frame in frames:
+        writer.write(cv2.imread(str(frame)))
+    writer.release()
+    text = submit(page, clip, "the bed")
+    assert "Done: 2 frames, 2 sampled" in text, text
+    video = page.locator("#overlay-video video")
+    path = tmp_path / ("overlay" + Path(video.get_attribute("src")).suffix)
+    path.write_bytes(fetch(page, video.get_attribute("src")))
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)
+    capture.release()
+    link = page.locator("#masks-zip a[href]").first
+    with zipfile.ZipFile(io.BytesIO(fetch(page, link.get_attribute("href")))) as out:
+        assert sorted(out.namelist()) == ["two_masks/00000.png", "two_masks/00001.png"]
+
+
+def test_update_settings_changes_only_per_call_settings(tmp_path):
+    from model.api import Segmenter, SegmentSettings
+    from model.tiny.qwen import build_tiny_qwen_checkpoint
+    from model.tiny.sam2 import build_tiny_sam2_checkpoint
+
+    qwen = build_tiny_qwen_checkpoint(tmp_path / "qwen", "qwen2_5_vl", num_layers=2)
+    config, overrides = build_tiny_sam2_checkpoint(tmp_path / "sam2.pt", image_size=256)
+    with Segmenter(qwen, tmp_path / "sam2.pt", config, settings=SegmentSettings(num_input_frames=4), device="cpu",
+                   precision="fp32", attn_implementation="sdpa", sam2_overrides=overrides) as segmenter:
+        segmenter.update_settings(num_input_frames=2, attn_max_batch="auto", point_threshold=0.5)
+        assert (segmenter.settings.num_input_frames, segmenter.settings.point_threshold) == (2, 0.5)
+        assert segmenter.pipeline.settings.attn_max_batch == "auto"  # what stage 1 reads on its next call
+        before = segmenter.settings
+        with pytest.raises(DecafError, match="attn_max_token cannot change after loading"):
+            segmenter.update_settings(attn_max_token=16)
+        with pytest.raises(DecafError, match="num_input_frames must be positive"):
+            segmenter.update_settings(num_input_frames=0)
+        assert segmenter.settings == before and segmenter.pipeline.settings.attn_max_batch == "auto"
