@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -248,6 +248,24 @@ class Segmenter:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+    #: settings read on every :meth:`segment` call; the others are built into the loaded adapter and pipeline
+    PER_CALL_SETTINGS = ("num_input_frames", "attn_max_batch", "max_new_tokens", "point_threshold",
+                         "final_score_threshold")
+
+    def update_settings(self, **changes: Any) -> None:
+        """Change :data:`PER_CALL_SETTINGS` for the next calls without reloading the models (the web demo's knobs).
+
+        Values are validated as :class:`SegmentSettings` validates them; on an error nothing changes.
+        """
+        fixed = sorted(set(changes) - set(self.PER_CALL_SETTINGS))
+        if fixed:
+            raise DecafError(f"{', '.join(fixed)} cannot change after loading; only "
+                             f"{', '.join(self.PER_CALL_SETTINGS)} can")
+        settings = replace(self.settings, **changes)
+        self.pipeline.settings = replace(self.pipeline.settings, attn_max_batch=settings.attn_max_batch,
+                                         max_new_tokens=settings.max_new_tokens)
+        self.settings = settings
 
     @property
     def layer_range(self) -> tuple[int, int]:
