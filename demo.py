@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Sequence
 
 # only light modules before the arguments are parsed: --help and a bad flag answer at once, before torch loads
 from model.cli_args import add_image_processor_arg, batch_arg, layer_start_arg, positive_int, prompt_version_arg
-from model.errors import DecafError, run_cli
+from model.errors import run_cli, set_interrupt_note
 from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
-from model.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS
+from model.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS, tiny_layout
 
 DEFAULTS = SegmentSettings()
 
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="SAM2 objects run as one batch, N at a time; 1 (default) is the per-object computation. "
                           "Larger N is faster but not bit-identical (a boundary pixel can flip)")
 
+    web = parser.add_argument_group("web demo")
+    web.add_argument("--web", action="store_true",
+                     help="start the interactive web demo (Gradio, pip install -e \".[web]\") on a local port "
+                          "instead; it takes the model and method flags below, see python -m model.webdemo --help")
+
     tiny = parser.add_argument_group("trying it offline")
     tiny.add_argument("--tiny", action="store_true",
                       help="use tiny random-weight checkpoints of the real classes (built into --tiny_ckpts on first "
@@ -116,15 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse the flags; with ``--tiny`` the tiny checkpoints and settings become the defaults, so explicit flags
-    still win."""
-    parser = build_parser()
+    still win (the checkpoints are built later, by :func:`prepare_tiny`, once every other check passed)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.tiny:
-        from model.tiny.preset import tiny_checkpoints
-
-        tiny = tiny_checkpoints(args.tiny_ckpts)
+        tiny = tiny_layout(args.tiny_ckpts)
         parser.set_defaults(version=str(tiny.version), vision_pretrained=str(tiny.vision_pretrained),
                             vision_pretrained_config=tiny.vision_pretrained_config,
                             sam2_overrides=list(tiny.sam2_overrides), precision=TINY_PRECISION, **TINY_SETTINGS)
@@ -132,12 +136,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def prepare_tiny(args: argparse.Namespace) -> None:
+    """With ``--tiny``: build the tiny checkpoints if ``--tiny_ckpts`` holds none yet, and say what they are."""
+    if args.tiny:
+        from model.tiny.preset import ensure_tiny_checkpoints
+
+        logging.getLogger("decaf.demo").warning("--tiny: %s", DISCLAIMER)
+        ensure_tiny_checkpoints(args.tiny_ckpts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--web" in argv:  # before parsing: the page takes the clip and the expression, so they are not required
+        from model.webdemo import main as web_main
+
+        return web_main([arg for arg in argv if arg != "--web"])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("decaf.demo")
-    if args.tiny:
-        log.warning("--tiny: %s", DISCLAIMER)
+    prepare_tiny(args)
+    set_interrupt_note(lambda: "no output was left half-written (each appears only when complete); run the same "
+                               "command again")
     from model.api import Segmenter, VideoSource, check_checkpoints, check_expression
     from model.atomic import write_manifest
     from model.sam2_prompting import sam2_extension_loaded
@@ -171,9 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                            degenerate=result.degenerate, empty_sam2_mask=not result.masks.any(),
                            random_weights=args.tiny, timings=result.timings,
                            outputs={name: str(path) for name, path in outputs.items()})
-    except KeyboardInterrupt:
-        raise DecafError("interrupted: nothing was written (outputs appear only when complete); run the same "
-                         "command again") from None
     finally:
         source.close()
     print(f"object: {result.texts.get('obj_name') or result.texts.get('obj_cls_video')!r}; "

@@ -41,6 +41,8 @@ from .prompting import PipelineSettings, PromptingPipeline
 from .sam2_prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
                              sam2_masks)
 from .settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
+from .tiny.preset import (DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS, ensure_tiny_checkpoints,
+                          tiny_layout)
 from .video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.api")
@@ -363,8 +365,13 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
             vision_pretrained_config: str = DEFAULT_SAM2_CONFIG, device: str | None = None,
             precision: str = "bf16", attn_implementation: str | None = None,
             sam2_overrides: tuple[str, ...] | list[str] = (), progress: bool = False,
-            image_processor: str | None = None, **settings: Any) -> SegmentResult:
+            image_processor: str | None = None, tiny: bool = False,
+            tiny_ckpts: str | os.PathLike = DEFAULT_TINY_CKPTS, **settings: Any) -> SegmentResult:
     """Load the models, segment ``expression`` in ``video`` and release the models (SPEC §1.5).
+
+    ``tiny=True`` uses the tiny random-weight checkpoints in ``tiny_ckpts`` (built there on first use) with the
+    CPU-sized settings of ``demo.py --tiny``; arguments given explicitly still win. Random weights give meaningless
+    masks: it shows that the pipeline runs.
 
     ``settings`` are fields of :class:`SegmentSettings` (``num_input_frames=16``, ``attn_layer_idx_start="auto"``,
     ``attn_max_token=400``, ``attn_resize_scale=2``, ``attn_max_batch=8``, ``point_threshold=0.8``,
@@ -374,6 +381,17 @@ def segment(video: str | os.PathLike, expression: str, *, version: str | os.Path
     unknown = sorted(set(settings) - set(SegmentSettings.field_names()))
     if unknown:
         raise TypeError(f"segment() got unknown settings {unknown}; valid: {', '.join(SegmentSettings.field_names())}")
+    if tiny:
+        preset = tiny_layout(tiny_ckpts)
+        if version == DEFAULT_MLLM:
+            version = preset.version
+        if vision_pretrained == DEFAULT_SAM2_CHECKPOINT:
+            vision_pretrained, vision_pretrained_config = preset.vision_pretrained, preset.vision_pretrained_config
+            sam2_overrides = sam2_overrides or preset.sam2_overrides
+        precision = TINY_PRECISION if precision == "bf16" else precision
+        settings = {**TINY_SETTINGS, **settings}
+        log.warning("tiny=True: %s", DISCLAIMER)
+        ensure_tiny_checkpoints(tiny_ckpts)
     segment_settings = SegmentSettings(**settings)
     # the expression and every frame are checked before the models load (a bad frame must not cost a 7B load)
     expression = check_expression(expression)

@@ -20,6 +20,16 @@ class DecafError(Exception):
     """An error caused by the user's input or environment; its message is one actionable line."""
 
 
+#: what the run in progress would say if interrupted now (set by :class:`model.run_record.RunRecord`)
+_interrupt_note: Callable[[], str] | None = None
+
+
+def set_interrupt_note(note: Callable[[], str] | None) -> None:
+    """Register the one line that Ctrl-C prints about the run in progress (None: nothing in progress)."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run a script's ``main`` and exit with its status; user errors become one line on stderr."""
     try:
@@ -28,6 +38,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        note = _interrupt_note() if _interrupt_note is not None else "nothing half-written was kept"
+        print(f"interrupted: {note}", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(status or 0))

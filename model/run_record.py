@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from .atomic import write_manifest
-from .errors import EXIT_JOBS_FAILED, DecafError
+from .errors import EXIT_JOBS_FAILED, DecafError, set_interrupt_note
 
 log = logging.getLogger("decaf.run")
 
@@ -62,6 +62,13 @@ class RunRecord:
         self.warnings: list[str] = []
         self.finished_before = 0
         self.done = 0
+        set_interrupt_note(self.interrupt_note)
+
+    def interrupt_note(self) -> str:
+        """What Ctrl-C reports: what finished, and how to resume."""
+        return (f"{self.done} of {self.bar.total} job(s) finished in this run ({self.finished_before} were finished "
+                f"before, {len(self.failures)} failed); run the same command again to resume: finished outputs are "
+                f"kept and verified, the job in progress is computed again")
 
     @property
     def stopped(self) -> bool:
@@ -103,6 +110,7 @@ class RunRecord:
     def close(self, folders: Sequence[Path], command: str, args: argparse.Namespace, **extra: Any) -> int:
         """Write the manifest into each folder; return 0, or :data:`EXIT_JOBS_FAILED` after one ``error:`` line."""
         self.bar.close()
+        set_interrupt_note(None)
         manifest, unwritten = None, None
         for folder in dict.fromkeys(folders):
             try:

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import logging
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -36,7 +35,7 @@ import cv2
 from .api import Segmenter, SegmentSettings, VideoSource
 from .cli_args import batch_arg
 from .errors import DecafError, run_cli
-from .selftest import DISCLAIMER, NUM_FRAMES, REPO, SAMPLE_CLIP, TINY_ATTN_ARGS, build_checkpoints
+from .selftest import REPO, SAMPLE_CLIP
 from .video import check_frame_sizes
 from .web_outputs import browser_codec, write_gallery, write_mask_zip, write_overlay_video
 
@@ -49,9 +48,7 @@ DEFAULT_MAX_FRAMES = 400
 MAX_ZIP_MEMBER_BYTES = 64 * 2 ** 20
 UPLOAD_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".avi", ".zip"]
 #: the CLI demo's input/output flags: the page takes the clip and the expression, and offers the outputs
-CLI_ONLY_FLAGS = ("video_path", "exp", "vis_save_path", "save_per_frame", "save_video", "save_masks")
-#: flags that --tiny replaces by the checkpoints it builds
-CHECKPOINT_FLAGS = ("version", "vision_pretrained", "vision_pretrained_config", "sam2_overrides")
+CLI_ONLY_FLAGS = ("video_path", "exp", "vis_save_path", "save_per_frame", "save_video", "save_masks", "web")
 #: reading the clip, stage 1, fusion and coarse masks, SAM2, writing the outputs
 STAGE_COUNT = 5
 KEPT_REQUESTS = 2  # request folders kept on disk; Gradio serves copies from its own cache
@@ -88,30 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1",
                      help="address to listen on; 127.0.0.1 keeps the page to this machine")
     web.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    web.add_argument("--tiny", action="store_true",
-                     help="build tiny random-weight Qwen2.5-VL and SAM2 checkpoints (as the self-test does) in a "
-                          "temporary folder and serve them with CPU-sized settings; the masks are meaningless")
     web.add_argument("--max_frames", type=int, default=DEFAULT_MAX_FRAMES,
                      help="longest clip accepted, in frames; longer ones are refused with a message (memory)")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The CLI demo's parsing (``--tiny`` makes the tiny checkpoints and settings the defaults), then the page's
+    own checks."""
+    import demo
+
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = demo.parse_args(argv, parser)
     given = [name for name in CLI_ONLY_FLAGS if getattr(args, name) != parser.get_default(name)]
     if given:
         parser.error(f"--{given[0]} belongs to the CLI demo (demo.py); the page takes the clip and the expression")
     if args.max_frames < 1:
         parser.error(f"--max_frames must be positive, got {args.max_frames}")
-    if args.tiny:
-        changed = [name for name in CHECKPOINT_FLAGS if getattr(args, name) != parser.get_default(name)]
-        if changed:
-            parser.error(f"--tiny builds its own checkpoints; drop --{changed[0]}")
-        # the self-test's CPU-sized settings, placed first so that flags given on the command line still win
-        tiny = [*shlex.split(TINY_ATTN_ARGS), "--num_input_frames", str(NUM_FRAMES)]
-        args = parser.parse_args(tiny + argv)
     return args
 
 
@@ -417,12 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="decaf-webdemo-"))
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "gradio"))
     try:
-        if args.tiny:
-            log.info("building tiny random-weight checkpoints in %s (%s)", workdir / "ckpts", DISCLAIMER)
-            version, sam2, sam2_config, overrides = build_checkpoints(workdir / "ckpts")
-        else:
-            version, sam2, sam2_config, overrides = (args.version, args.vision_pretrained,
-                                                     args.vision_pretrained_config, args.sam2_overrides)
+        import demo
+
+        demo.prepare_tiny(args)  # builds the tiny checkpoints into --tiny_ckpts on first use
+        version, sam2, sam2_config, overrides = (args.version, args.vision_pretrained,
+                                                 args.vision_pretrained_config, args.sam2_overrides)
         settings = SegmentSettings(**{name: getattr(args, name) for name in SegmentSettings.field_names()})
         with Segmenter(version, sam2, sam2_config, settings=settings, device=args.device, precision=args.precision,
                        attn_implementation=args.attn_implementation, sam2_overrides=overrides,

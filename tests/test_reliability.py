@@ -645,3 +645,23 @@ def test_unwritable_output_folder_is_one_line_before_any_job(tmp_path, bench, ck
             run_cli(main, args)
         assert exit_info.value.code == EXIT_USER_ERROR
         assert last_line(capsys.readouterr().err) == f"error: output folder {folder} is not writable: {reason}"
+
+
+# ----------------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_says_what_finished_and_how_to_resume(capsys):
+    from types import SimpleNamespace
+
+    from model.run_record import RunRecord
+
+    def main(argv):
+        record = RunRecord(total=5, description="test", fail_fast=False)
+        record.skip(2)
+        record.succeed(SimpleNamespace(job_id="v/0"), "ok")
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [])
+    assert exit_info.value.code == 130
+    line = capsys.readouterr().err.split("interrupted: ")[-1]  # after the (carriage-return) progress bar
+    assert "1 of 5 job(s) finished in this run (2 were finished before, 0 failed)" in line
+    assert "run the same command again to resume" in line

@@ -119,7 +119,8 @@ def test_flags_reuse_the_cli_demo_and_tiny_defaults_yield_to_given_flags():
     tiny = parse_args(["--tiny"])
     assert (tiny.num_input_frames, tiny.precision, tiny.max_new_tokens) == (4, "fp32", 4)
     assert parse_args(["--tiny", "--num_input_frames", "2"]).num_input_frames == 2
-    for bad in (["--tiny", "--version", "x"], ["--video_path", "clip"], ["--max_frames", "0"]):
+    assert parse_args(["--tiny", "--version", "x"]).version == "x"  # as in demo.py, a given flag wins
+    for bad in (["--video_path", "clip"], ["--max_frames", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -154,6 +155,7 @@ def server(tmp_path_factory):
     started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "model.webdemo", "--tiny", "--device", "cpu",
+                                    "--tiny_ckpts", str(log_path.parent / "ckpts"),
                                     "--port", str(port), "--max_frames", str(MAX_FRAMES)],
                                    cwd=REPO, env=subprocess_env(GRADIO_ANALYTICS_ENABLED="False"),
                                    stdout=log, stderr=subprocess.STDOUT)
@@ -325,16 +327,17 @@ def test_help_explains_every_flag_without_gradio_loaded():
     assert undocumented_options(result.stdout) == []
 
 
-def test_busy_port_is_one_line_before_models_load():
+def test_busy_port_is_one_line_before_models_load(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "model.webdemo", "--tiny", "--port", str(port)], cwd=REPO,
+        result = subprocess.run([sys.executable, "-m", "model.webdemo", "--tiny", "--port", str(port),
+                                 "--tiny_ckpts", str(tmp_path / "never-built")], cwd=REPO,
                                 capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
-    assert "building tiny" not in result.stderr
+    assert "building tiny" not in result.stderr and not (tmp_path / "never-built").exists()
 
 
 @pytest.mark.slow

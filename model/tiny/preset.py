@@ -38,45 +38,42 @@ class TinyCheckpoints:
     sam2_overrides: tuple[str, ...]  # Hydra overrides for the 256-px image size
 
 
+def tiny_layout(folder: str | os.PathLike) -> TinyCheckpoints:
+    """Where :func:`make_tiny_checkpoints` puts the checkpoints in ``folder`` (nothing is read or built)."""
+    folder = Path(folder)
+    return TinyCheckpoints(folder, folder / "tiny-Qwen2.5-VL",
+                           folder / "tiny-sam2" / f"sam2_hiera_tiny_{SAM2_IMAGE_SIZE}.pt", "sam2_hiera_t.yaml",
+                           (f"++model.image_size={SAM2_IMAGE_SIZE}",))
+
+
 def make_tiny_checkpoints(folder: str | os.PathLike) -> TinyCheckpoints:
-    """Build both tiny checkpoints into ``folder`` and describe them in ``tiny_checkpoints.json``."""
+    """Build both tiny checkpoints into ``folder`` and describe them in ``tiny_checkpoints.json`` (written last, so
+    its presence means the folder is complete)."""
     from transformers.utils import logging as transformers_logging
 
     from .qwen import build_tiny_qwen_checkpoint
     from .sam2 import build_tiny_sam2_checkpoint
 
-    folder = Path(folder)
+    tiny = tiny_layout(folder)
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bar for a few kilobytes
-    version = build_tiny_qwen_checkpoint(folder / "tiny-Qwen2.5-VL", "qwen2_5_vl", num_layers=LLM_LAYERS)
-    sam2 = folder / "tiny-sam2" / f"sam2_hiera_tiny_{SAM2_IMAGE_SIZE}.pt"
-    config, overrides = build_tiny_sam2_checkpoint(sam2, image_size=SAM2_IMAGE_SIZE)
-    description = {"version": version.name, "vision_pretrained": str(sam2.relative_to(folder)),
+    build_tiny_qwen_checkpoint(tiny.version, "qwen2_5_vl", num_layers=LLM_LAYERS)
+    config, overrides = build_tiny_sam2_checkpoint(tiny.vision_pretrained, image_size=SAM2_IMAGE_SIZE)
+    if (config, tuple(overrides)) != (tiny.vision_pretrained_config, tiny.sam2_overrides):
+        raise RuntimeError(f"tiny SAM2 built as {config} {overrides}, but tiny_layout() says otherwise")
+    description = {"version": tiny.version.name, "vision_pretrained": str(tiny.vision_pretrained.relative_to(tiny.folder)),
                    "vision_pretrained_config": config, "sam2_overrides": list(overrides), "note": DISCLAIMER}
-    atomic_write_text(folder / DESCRIPTION_FILE, json.dumps(description, indent=1) + "\n")
-    return TinyCheckpoints(folder, version, sam2, config, tuple(overrides))
-
-
-def load_tiny_checkpoints(folder: str | os.PathLike) -> TinyCheckpoints:
-    """The tiny checkpoints that :func:`make_tiny_checkpoints` wrote into ``folder``."""
-    folder = Path(folder)
-    path = folder / DESCRIPTION_FILE
-    try:
-        description = json.loads(path.read_text())
-        tiny = TinyCheckpoints(folder, folder / description["version"], folder / description["vision_pretrained"],
-                               description["vision_pretrained_config"], tuple(description["sam2_overrides"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DecafError(f"{path} is missing or damaged; rebuild it with "
-                         f"`python -m model.selftest --make_ckpts {folder}`") from exc
-    for needed in (tiny.version, tiny.vision_pretrained):
-        if not needed.exists():
-            raise DecafError(f"{needed} is missing; rebuild the tiny checkpoints with "
-                             f"`python -m model.selftest --make_ckpts {folder}`")
+    atomic_write_text(tiny.folder / DESCRIPTION_FILE, json.dumps(description, indent=1) + "\n")
     return tiny
 
 
-def tiny_checkpoints(folder: str | os.PathLike = DEFAULT_TINY_CKPTS) -> TinyCheckpoints:
+def ensure_tiny_checkpoints(folder: str | os.PathLike = DEFAULT_TINY_CKPTS) -> TinyCheckpoints:
     """The tiny checkpoints in ``folder``, built there first if the folder holds none yet."""
-    if not (Path(folder) / DESCRIPTION_FILE).exists():
-        print(f"building tiny random-weight checkpoints in {folder} (once, a few seconds) …", flush=True)
-        return make_tiny_checkpoints(folder)
-    return load_tiny_checkpoints(folder)
+    tiny = tiny_layout(folder)
+    if not (tiny.folder / DESCRIPTION_FILE).exists():
+        print(f"building tiny random-weight checkpoints in {tiny.folder} (once, a few seconds) …", flush=True)
+        return make_tiny_checkpoints(tiny.folder)
+    for needed in (tiny.version, tiny.vision_pretrained):
+        if not needed.exists():
+            raise DecafError(f"{needed} is missing; rebuild the tiny checkpoints with "
+                             f"`python -m model.selftest --make_ckpts {tiny.folder}`")
+    return tiny
