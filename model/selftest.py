@@ -92,7 +92,7 @@ def build_benchmark(root: Path, clip: Path) -> tuple[list[str], tuple[int, int]]
 
     video_dir = root / "davis17/valid/JPEGImages" / VIDEO
     video_dir.mkdir(parents=True)
-    for path in clip.glob("*.jpg"):  # the clip's README and licence stay behind
+    for path in clip.glob("*.jpg"):
         shutil.copyfile(path, video_dir / path.name)
     frames = list_frames(video_dir)
     frame_size = check_frame_sizes(frames)

@@ -176,6 +176,7 @@ class JobOutcome:
     family: str
     summary: str
     degenerate: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth a warning but not a degenerate case, e.g. an empty mask
 
 
 def load_job_cache(cache_path: str | Path, video: VideoFrames, settings: RunSettings,
@@ -254,6 +255,8 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
                             f"{result.encoder_calls} encoder calls)")
         if result.degenerate:
             outcome.degenerate.append(f"{SAM_MASK}: {result.degenerate}; wrote empty masks")
+        elif not result.masks.any():
+            outcome.notes.append(f"{SAM_MASK}: SAM2 returned an empty mask on every frame")
     return outcome
 
 
@@ -408,6 +411,8 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
             record.fail(job, exc)
         else:
             record.succeed(job, outcome.summary, outcome.degenerate)
+            for note in outcome.notes:  # logged and listed under the manifest's "warnings"
+                record.warn(f"{job.job_id}: {note}")
 
 
 def keypoint_main(argv: Sequence[str] | None = None) -> int:

@@ -126,6 +126,9 @@ def test_demo_on_frame_folder_with_trailing_slash(tmp_path, ckpts, clip):
     assert decoded_frames(out / "bedroom_clip_sam_mask.mp4") == (6, 10.0, (540, 960))  # a folder: 10 fps
     manifest = json.loads(next(out.glob("manifest_*.json")).read_text())
     assert manifest["command"] == "demo" and manifest["resolved"]["key_frame_indices"] == [0, 1, 3, 5]
+    any_mask = any(png_mask(root / "masks" / f"{name}.png", (540, 960)).any() for name in names)
+    assert manifest["empty_sam2_mask"] is (not any_mask)  # an empty result is recorded, and said in the log
+    assert ("SAM2 found no object" in result.stdout) is (not any_mask)
     assert manifest["resolved"]["layer_range"] == [2, 4]  # auto = half of the tiny model's 4 layers
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporary siblings
 

@@ -240,6 +240,10 @@ class MLLMAdapter(ABC):
                                   **self._config_overrides(config)}
         if self.device.type == "cuda":
             kwargs["device_map"] = str(self.device)
+        from transformers.utils import logging as transformers_logging
+
+        # no "Loading weights" bar per shard: the stage log already says what loads, and when it is done
+        transformers_logging.disable_progress_bar()
         try:
             model = self._model_class().from_pretrained(str(checkpoint), **kwargs)
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a damaged weight file
