@@ -254,6 +254,8 @@ def test_page_errors_are_readable_and_the_server_keeps_serving(page, tmp_path):
 
 @pytest.mark.slow
 def test_page_segments_an_upload_and_its_outputs_decode(page, server, tmp_path):
+    from playwright.sync_api import expect
+
     frames = copy_frames(tmp_path / "bedroom", NUM_FRAMES, step=10)
     archive = zip_frames(frames, tmp_path / "bedroom.zip", folder="bedroom")
     # a knob of the page reaches the loaded Segmenter: N = 3 of the 4 frames instead of the server's N = 4
@@ -261,6 +263,8 @@ def test_page_segments_an_upload_and_its_outputs_decode(page, server, tmp_path):
     frames_box = page.locator("#num-frames input[type=number]")
     frames_box.fill(str(SAMPLED))
     frames_box.press("Enter")
+    frames_box.press("Tab")  # the number box commits its value on blur as well; a loaded machine needs both
+    expect(page.locator("#num-frames input[type=range]")).to_have_value(str(SAMPLED))
     started = time.perf_counter()
     # the progress names the stage (SAM2 on 4 frames takes seconds even on a fast CPU): the stage's line, or its
     # phase bars, which the page tracks from tqdm while they run
