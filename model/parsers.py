@@ -85,15 +85,19 @@ def add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
                        help="(accepted for compatibility; no effect)")
 
 
-def build_mask_parser() -> argparse.ArgumentParser:
-    """Flags of ``inference_attn_mask.py`` (SPEC §13.2, stage-2 subset)."""
-    parser = argparse.ArgumentParser(
-        description="DecAF stage 2: fuse each job's attention cache into Φ and write coarse attention masks "
-                    "(Otsu, SPEC §7) and/or SAM2 masks (SPEC §8) as PNGs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def stage2_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every reader of the attention caches takes: jobs, run folder, fusion."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_job_args(parser)
     add_run_folder_args(parser, version_required=False)
     add_fusion_args(parser)
+    return parser
+
+
+def build_mask_parser() -> argparse.ArgumentParser:
+    """Flags of ``inference_attn_mask.py`` (SPEC §13.2, stage-2 subset)."""
+    parser = stage2_parser("DecAF stage 2: fuse each job's attention cache into Φ and write coarse attention masks "
+                           "(Otsu, SPEC §7) and/or SAM2 masks (SPEC §8) as PNGs.")
     group = parser.add_argument_group("masks")
     group.add_argument("--predict_attn_mask", action="store_true",
                        help="write coarse masks: one PNG per sampled frame into the 'attn-mask' folder")
@@ -121,12 +125,7 @@ def build_mask_parser() -> argparse.ArgumentParser:
 
 def build_keypoint_parser() -> argparse.ArgumentParser:
     """Flags of ``inference_keypoints.py`` (SPEC §9.1, §13.2)."""
-    parser = argparse.ArgumentParser(
-        description="DecAF keypoints: fuse each job's attention cache into Φ and save its 100 highest cells as "
-                    "keypoints.pt (SPEC §9.1–§9.2). Needs neither frames' pixels nor SAM2.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_job_args(parser)
-    add_run_folder_args(parser, version_required=False)
-    add_fusion_args(parser)
+    parser = stage2_parser("DecAF keypoints: fuse each job's attention cache into Φ and save its 100 highest cells "
+                           "as keypoints.pt (SPEC §9.1–§9.2). Needs neither frames' pixels nor SAM2.")
     add_output_args(parser, "keypoints")
     return parser

@@ -217,20 +217,25 @@ def save_per_frame(result: SegmentResult, vis_save_path: str | os.PathLike) -> P
 
 
 def save_video(result: SegmentResult, vis_save_path: str | os.PathLike) -> Path:
-    """``{vis_save_path}/{vid_name}_sam_mask.mp4``: every frame with its SAM2 mask (red, α 0.5, contours), at the
-    source frame rate of a video file, else 10 fps; checked to decode back to F frames."""
-    path = Path(vis_save_path) / f"{result.source.name}_sam_mask.mp4"
+    """``{vis_save_path}/{vid_name}_sam_mask.mp4`` ('mp4v'), see :func:`write_mask_video`."""
+    return write_mask_video(result, Path(vis_save_path) / f"{result.source.name}_sam_mask.mp4", "mp4v")
+
+
+def write_mask_video(result: SegmentResult, path: Path, fourcc: str) -> Path:
+    """Every frame with its SAM2 mask (red, α 0.5, contours) and, in the corner, the frame name and the expression,
+    at the source frame rate of a video file, else 10 fps, encoded with ``fourcc`` in the container of ``path``'s
+    suffix; checked to decode back to F frames, then renamed into place."""
     fps = result.source.fps or DEFAULT_VIDEO_FPS
     height, width = result.frame_size
     names = result.frame_names
 
     def write(tmp: Path) -> None:
         # OpenCV picks the container from the file extension, which the temporary name lacks
-        staging = tmp.with_name(tmp.name + ".mp4")
+        staging = tmp.with_name(tmp.name + path.suffix)
         try:
-            writer = cv2.VideoWriter(str(staging), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+            writer = cv2.VideoWriter(str(staging), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
             if not writer.isOpened():
-                raise DecafError(f"OpenCV cannot write MP4 ('mp4v') files to {path.parent}; drop --save_video")
+                raise DecafError(f"OpenCV cannot write {fourcc!r} video of {width}x{height} to {path.parent}")
             try:
                 for k, frame_path in enumerate(result.frame_paths):
                     frame = red_overlay(read_bgr(frame_path), result.masks[k])
@@ -239,8 +244,8 @@ def save_video(result: SegmentResult, vis_save_path: str | os.PathLike) -> Path:
                 writer.release()
             decoded = count_video_frames(staging)
             if decoded != len(result.frame_paths):
-                raise DecafError(f"the MP4 written to {path} decodes to {decoded} frames instead of "
-                                 f"{len(result.frame_paths)}; drop --save_video")
+                raise DecafError(f"the video written to {path} decodes to {decoded} frames instead of "
+                                 f"{len(result.frame_paths)}")
             os.replace(staging, tmp)
         finally:
             with contextlib.suppress(OSError):

@@ -13,7 +13,6 @@ Every file is written atomically (:mod:`model.atomic`), so a failed request neve
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import os
@@ -26,10 +25,10 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .errors import DecafError
 from .visualize import (DEFAULT_VIDEO_FPS, MAGENTA, blend, count_video_frames, draw_points, encode_png, heat_map,
-                        read_bgr, red_overlay, resized_mask)
+                        read_bgr, red_overlay, resized_mask, write_mask_video)
 
 if TYPE_CHECKING:
     from .api import SegmentResult
@@ -67,34 +66,10 @@ def browser_codec() -> VideoCodec:
 
 
 def write_overlay_video(result: SegmentResult, folder: str | os.PathLike) -> Path:
-    """``{folder}/{vid_name}_sam_mask.{mp4|webm}``: every frame with its SAM2 mask (red, α 0.5, contours, as the
-    CLI demo's video), at the source frame rate of a video file, else 10 fps; checked to decode back to F frames."""
+    """``{folder}/{vid_name}_sam_mask.{mp4|webm}`` in the first codec browsers play (:func:`browser_codec`), drawn
+    as the CLI demo's video (:func:`model.visualize.write_mask_video`)."""
     codec = browser_codec()
-    path = Path(folder) / f"{result.source.name}_sam_mask{codec.suffix}"
-    fps = result.source.fps or DEFAULT_VIDEO_FPS
-    height, width = result.frame_size
-
-    def write(tmp: Path) -> None:
-        staging = tmp.with_name(tmp.name + codec.suffix)  # OpenCV picks the container from the extension
-        try:
-            writer = cv2.VideoWriter(str(staging), cv2.VideoWriter_fourcc(*codec.fourcc), fps, (width, height))
-            if not writer.isOpened():
-                raise DecafError(f"OpenCV cannot write {codec.fourcc} video of {width}x{height} to {path.parent}")
-            try:
-                for k, frame_path in enumerate(result.frame_paths):
-                    writer.write(red_overlay(read_bgr(frame_path), result.masks[k]))
-            finally:
-                writer.release()
-            decoded = count_video_frames(staging)
-            if decoded != len(result.frame_paths):
-                raise DecafError(f"the video written to {path} decodes to {decoded} frames instead of "
-                                 f"{len(result.frame_paths)}")
-            os.replace(staging, tmp)
-        finally:
-            with contextlib.suppress(OSError):
-                staging.unlink()
-
-    return atomic_write(path, write)
+    return write_mask_video(result, Path(folder) / f"{result.source.name}_sam_mask{codec.suffix}", codec.fourcc)
 
 
 def write_gallery(result: SegmentResult, folder: str | os.PathLike) -> list[tuple[Path, str]]:
