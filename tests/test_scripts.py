@@ -208,7 +208,7 @@ def run_script(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.Comp
     full_env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
     full_env.update(PYTHON=str(recorder), STUB_RECORD=str(record), DEVICE="cpu", DATA_ROOT=str(tmp_path / "data"),
                     ATTN_ROOT=str(tmp_path / "attn_weights"), OUTPUT_ROOT=str(tmp_path / "outputs"),
-                    RESULTS_ROOT=str(tmp_path / "results"), GPUS="0")
+                    RESULTS_ROOT=str(tmp_path / "results"), GPUS="0", DECAF_PREFLIGHT="0")
     full_env.update(env)
     result = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True, env=full_env,
                             cwd=tmp_path, timeout=60)
@@ -217,6 +217,25 @@ def run_script(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.Comp
         fields = path.read_bytes().decode().split("\0")[:-1]
         calls.append(Call(fields[0], fields[1:]))
     return result, calls
+
+
+def test_missing_data_root_or_checkpoint_is_one_line_before_any_shard(tmp_path):
+    """The run checks its inputs once (not once per shard), prints one line, exits 2 and leaves nothing behind."""
+    result, calls = run_script(tmp_path, "run_qwen2.5-vl-7b_F16_davis.sh", GPUS="0 1", DECAF_PREFLIGHT="1")
+    assert result.returncode == 2 and calls == []
+    assert result.stderr.strip().splitlines() == [
+        f"error: meta file not found: {tmp_path}/data/davis17/meta_expressions/valid/meta_expressions.json (see "
+        f"datasets/README.md for the expected layout)"]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "attn_weights").exists()
+    meta = tmp_path / "data/davis17/meta_expressions/valid/meta_expressions.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"videos": {"v": {"frames": ["00000"], "expressions": {"0": {"exp": "x", "obj_id": "1"}}}}}')
+    (tmp_path / "data/davis17/valid/JPEGImages/v").mkdir(parents=True)
+    result, calls = run_script(tmp_path, "run_qwen2.5-vl-7b_F16_davis.sh", GPUS="0 1", DECAF_PREFLIGHT="1",
+                               VERSION=str(tmp_path / "ckpts" / "missing"))
+    assert result.returncode == 2 and calls == [] and result.stderr.count("\n") == 1
+    assert "checkpoint folder not found" in result.stderr and "ckpts/README.md" in result.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_gpu_list_fans_out_one_shard_per_entry(tmp_path):

@@ -40,6 +40,8 @@
 #   USER_ATTN_ARGS, USER_MASK_ARGS, USER_EVAL_ARGS   flags appended last (so they win) to stage 1, to every stage-2
 #                     step (coarse, sam, keypoints) and to the evaluators
 #   EVAL_WORKERS      evaluator processes (default 16)
+#   DECAF_PREFLIGHT   1 (default): check the data root, meta file and checkpoints once before any shard starts;
+#                     0 skips that check (the tests of this file's plumbing run stub stages on no data)
 #
 # Sharding (SPEC §10.9). Normally each inference step starts one background process per GPU_LIST entry, with
 # CUDA_VISIBLE_DEVICES=<gpu> --subset_num <#GPUs> --subset_idx <i>; each shard logs to <outputs>/…/logs/, the
@@ -352,7 +354,9 @@ decaf_run() {
     _decaf_select_steps
     _decaf_detect_launcher
     # the data root, meta file and checkpoints are checked once here, before any shard starts
-    _decaf_paths "$POINT_THRESHOLD" "$FINAL_SCORE_THRESHOLD" 0 --check "${_DECAF_SELECTED[*]}" --sam2_ckpt "$SAM2_CKPT"
+    local -a check=(--check "${_DECAF_SELECTED[*]}" --sam2_ckpt "$SAM2_CKPT")
+    [[ ${DECAF_PREFLIGHT:-1} == 0 ]] && check=()
+    _decaf_paths "$POINT_THRESHOLD" "$FINAL_SCORE_THRESHOLD" 0 "${check[@]}"
     local shards="${#GPU_LIST[@]} shard(s) on GPU_LIST (${GPU_LIST[*]})"
     [[ -n $_DECAF_LAUNCHER ]] && shards="one $_DECAF_LAUNCHER shard per process"
     echo "== $MODEL_NAME on $DATA_NAME: steps ${_DECAF_SELECTED[*]}; device $DEVICE, $shards; cache $ATTN_DIR"
