@@ -253,3 +253,27 @@ def test_adapter_registry_reads_the_model_type(tmp_path, ckpts):
     (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(DecafError, match="renamed-qwen.*'llava'"):
         adapter_for_checkpoint(folder)
+
+
+def test_bad_frames_are_found_before_any_model_loads(tmp_path, ckpts, clip, monkeypatch):
+    """A truncated frame outside the sampled ones, or mixed sizes, fail segment() before a model is built."""
+    import model.api as api
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the frames were checked")
+
+    monkeypatch.setattr(api, "Segmenter", no_model)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(clip, truncated)
+    jpeg = (truncated / "00002.jpg").read_bytes()  # frame 2 is not among the sampled [0, 1, 3, 5]
+    (truncated / "00002.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    common = dict(version=ckpts["version"], vision_pretrained=ckpts["sam2"], vision_pretrained_config=ckpts["config"])
+    with pytest.raises(DecafError, match="cannot decode image .*00002.jpg"):
+        segment(truncated, "the bed", **common, **TINY)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(clip, mixed)
+    Image.open(mixed / "00004.jpg").resize((480, 270)).save(mixed / "00004.jpg")
+    with pytest.raises(DecafError, match="frame 00004.jpg is 480x270 but frame 0 is 960x540"):
+        segment(mixed, "the bed", **common, **TINY)
+    with pytest.raises(DecafError, match="the expression is empty"):
+        segment(clip, "  \n", **common, **TINY)
