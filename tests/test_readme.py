@@ -22,7 +22,7 @@ CITATION = re.compile(r"§(\d+)(?:\.(\d+))?([a-z])?(?![\d.])")
 def code_blocks(text: str, language: str) -> list[tuple[str, str]]:
     """(line before the block, block body) of every fenced block in ``language``."""
     return [(match.group(1), match.group(2)) for match in
-            re.finditer(rf"(?:^(.*)\n)?```{language}\n(.*?)^```", text, re.M | re.S)]
+            re.finditer(rf"(?:^([^\n]*)\n)?```{language}\n(.*?)^```", text, re.M | re.S)]
 
 
 @pytest.fixture(scope="module")
