@@ -131,3 +131,48 @@ def test_positions_continue_after_the_prefix(frames3, tmp_path):
             assert pipeline.prefix_stats["prefixes"] == 2  # other frames: a prefix of their own
     finally:
         pipeline.capture.detach()
+
+
+@pytest.mark.slow
+def test_stage1_script_shares_per_video_and_matches_no_prefix_cache(tmp_path):
+    """The stage-1 script runs a shard video by video (SPEC §10.9) with shared prefixes; ``--no_prefix_cache``
+    (the reference path) writes the same maps and texts, and a resumed run skips finished expressions."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from model.cache import load_cache
+    from test_stage1_qwen import make_davis
+
+    checkpoint = build_tiny_qwen_checkpoint(tmp_path / "ckpt", "qwen2_vl")
+    data = make_davis(tmp_path / "data", {"bedroom": (5, list(EXPRESSIONS)), "room": (3, ["chair"])})
+    common = ["--dataset", "davis", "--data_root", str(data), "--version", str(checkpoint), "--model_name", "tiny",
+              "--num_input_frames", "3", "--attn_max_token", "16", "--precision", "fp32", "--attn_max_batch", "2",
+              "--max_new_tokens", "2", "--device", "cpu"]
+    folders = {"shared": tmp_path / "shared", "unshared": tmp_path / "unshared"}
+
+    def run(name: str, *extra: str) -> str:
+        result = subprocess.run([sys.executable, str(REPO / "evaluation/inference_attn_map_qwenvl.py"), *common,
+                                 "--attn_save_path", str(folders[name]), *extra], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    run("shared")
+    run("unshared", "--no_prefix_cache")
+    names = sorted(p.name for p in folders["shared"].glob("*.safetensors"))
+    assert names == ["bedroom_0.safetensors", "bedroom_1.safetensors", "bedroom_2.safetensors",
+                     "room_0.safetensors"]
+    for file_name in names:
+        shared, unshared = load_cache(folders["shared"] / file_name), load_cache(folders["unshared"] / file_name)
+        for key in ("obj_video", "obj_frame", "bg_video", "bg_frame"):
+            assert_t1(getattr(shared, key), getattr(unshared, key))
+        assert shared.meta["texts"] == unshared.meta["texts"]
+        assert shared.meta["settings"] == unshared.meta["settings"]  # nothing new recorded: the maps are the same
+    # resume in the middle of a video: only the missing expression runs, its prefix computed afresh
+    stamp = (folders["shared"] / "bedroom_0.safetensors").stat().st_mtime_ns
+    (folders["shared"] / "bedroom_1.safetensors").unlink()
+    assert "1 to run" in run("shared")
+    assert (folders["shared"] / "bedroom_0.safetensors").stat().st_mtime_ns == stamp
+    resumed = load_cache(folders["shared"] / "bedroom_1.safetensors")
+    assert_t1(resumed.bg_frame, load_cache(folders["unshared"] / "bedroom_1.safetensors").bg_frame)
