@@ -170,7 +170,7 @@ class PromptingPipeline:
     def _last_logits(self) -> dict[str, Any]:
         return {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
 
-    def _rollout(self, batch: VisualBatch):
+    def _rollout(self, batch: VisualBatch) -> Any:
         return make_rollout(self.settings.rollout_impl, batch.visual_mask, batch.key_mask,
                             dtype=self.settings.rollout_dtype)
 
