@@ -9,6 +9,14 @@ vocabulary) come from a tiny offline checkpoint of the same family.
 
     python benchmarks/bench_stage1.py --family qwen2_5_vl --frames 16 64 --chunks 1 4 8 --out results.json
 
+``--per_video`` instead times stage 1 per expression on one video with several expressions: the per-video path
+(each visual input's prefix prefilled once and shared, SPEC §5.8f) against the unshared path (every call from
+scratch, ``--no_prefix_cache``), with answers fixed at ``--answer_tokens`` new tokens. Median and min–max over
+``--repeats``, peak GPU memory, and how many prefix prefills and continued calls ran. ``--tiny`` runs it on the
+family's tiny checkpoint on the CPU (a smoke check of the script, not a measurement):
+
+    python benchmarks/bench_stage1.py --per_video --family qwen2_5_vl --expressions 1 5 16 --answer_tokens 4
+
 Prints a table; never asserts a time.
 """
 from __future__ import annotations
@@ -158,6 +166,81 @@ def time_once(fn: Callable[[], Any]) -> dict[str, Any]:
             "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def per_video(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-expression stage-1 time with and without per-video prefix sharing (SPEC §5.8f)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            adapter_class, ckpt, _ = family_setup(args.family, Path(tmp))
+            adapter = adapter_class(ckpt, device="cpu", precision="fp32", attn_implementation="sdpa",
+                                    options=AdapterOptions(attn_max_token=16))
+        else:
+            adapter = full_size_adapter(args.family, Path(tmp))
+    device = adapter.device
+    start, end = adapter.num_layers // 2, adapter.num_layers
+    frames = sample_frames(args.frames_dir, args.per_video_frames)
+    results: dict[str, Any] = {"family": args.family, "tiny": args.tiny, "frames": len(frames), "layers": [start, end],
+                               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                               "rows": []}
+
+    def pipeline_of(tokens: int, shared: bool) -> PromptingPipeline:
+        return PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end, attn_max_batch=4,
+                                                           max_new_tokens=tokens, share_prefix=shared))
+
+    for tokens in args.answer_tokens:
+        for count in args.expressions:
+            expressions = [f"{EXPRESSION} number {i}" for i in range(count)]
+            for shared in (True, False):
+                # the unshared cost of an expression does not depend on its video's expression count: time a few
+                timed = expressions if shared else expressions[:min(count, args.unshared_expressions)]
+                pipeline = pipeline_of(tokens, shared)
+                pipeline.run(frames[:2], "warm-up")  # kernels compiled, allocator warm
+                per_expression, peak = [], None
+                for _ in range(args.repeats):
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        base = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    synchronize(device)
+                    clock = time.perf_counter()
+                    if shared:
+                        pipeline.run_video(frames, timed)
+                    else:
+                        for expression in timed:
+                            pipeline.run(frames, expression)
+                    synchronize(device)
+                    per_expression.append((time.perf_counter() - clock) / len(timed))
+                    if device.type == "cuda":
+                        peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**30)
+                stats = dict(pipeline.prefix_stats)
+                pipeline.capture.detach()
+                row = {"answer_tokens": tokens, "expressions": count, "path": "shared" if shared else "unshared",
+                       "timed_expressions": len(timed), "seconds_per_expression": statistics.median(per_expression),
+                       "min": min(per_expression), "max": max(per_expression), "peak_extra_gib": peak,
+                       "prefix_prefills_per_repeat": stats["prefixes"] // args.repeats,
+                       "continued_calls_per_repeat": stats["continued"] // args.repeats}
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{args.family}{' (tiny, CPU smoke check)' if args.tiny else ''} on {results['device']}, "
+          f"{len(frames)} frames, capture [{start}, {end})")
+    print("| answer tokens | expressions/video | unshared s/expr | shared s/expr (min–max) | speed-up | "
+          "shared peak GiB |")
+    print("|---|---|---|---|---|---|")
+    rows = {(r["answer_tokens"], r["expressions"], r["path"]): r for r in results["rows"]}
+    for tokens in args.answer_tokens:
+        for count in args.expressions:
+            a, b = rows[(tokens, count, "unshared")], rows[(tokens, count, "shared")]
+            peak = "-" if b["peak_extra_gib"] is None else f"{b['peak_extra_gib']:.2f}"
+            speedup = a["seconds_per_expression"] / b["seconds_per_expression"]
+            print(f"| {tokens} | {count} | {a['seconds_per_expression']:.3f} | {b['seconds_per_expression']:.3f} "
+                  f"({b['min']:.3f}–{b['max']:.3f}) | {speedup:.2f}× | {peak} |")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="qwen2_5_vl")
@@ -174,8 +257,25 @@ def main() -> None:
     parser.add_argument("--frames_dir", type=Path, default=BEDROOM,
                         help="folder of JPEG frames (default: ../shared/data/videos/bedroom)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--per_video", action="store_true",
+                        help="time stage 1 per expression, shared per-video prefixes vs unshared (SPEC §5.8f)")
+    parser.add_argument("--expressions", type=int, nargs="+", default=[1, 5, 16],
+                        help="--per_video: expressions per video")
+    parser.add_argument("--answer_tokens", type=int, nargs="+", default=[4, 128],
+                        help="--per_video: fixed answer lengths (random weights never stop)")
+    parser.add_argument("--per_video_frames", type=int, default=16, help="--per_video: sampled frames T")
+    parser.add_argument("--unshared_expressions", type=int, default=2,
+                        help="--per_video: expressions timed on the unshared path (its cost per expression does "
+                             "not depend on the count)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="--per_video on the family's tiny checkpoint on the CPU: a smoke check of the script")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.per_video:
+        results = per_video(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        return
 
     results: dict[str, Any] = {"family": args.family, "device": torch.cuda.get_device_name(),
                                "torch": torch.__version__, "calls": [], "expression": []}

@@ -44,12 +44,42 @@ class Tee:
             sink.add_layer(q, k)
 
 
-class _Armed:
-    """State of one armed capture: which prefill length to accept and where each layer goes."""
+class QueryRecorder:
+    """Keeps each captured layer's post-RoPE q of a cached prefix's prefill (SPEC §5.8f); its k stays in the KV
+    cache, which hands it back with the suffix's keys."""
 
-    def __init__(self, sink: LayerSink, seq_len: int, layer_of: dict[int, int]):
+    def __init__(self) -> None:
+        self.queries: list[torch.Tensor] = []
+
+    def add_layer(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.queries.append(q.detach())
+
+
+class PrefixedQueries:
+    """Feeds a sink the full q and k of a pass continued after a cached prefix (SPEC §5.8f).
+
+    The continued pass's attention receives only the suffix rows of q but every key, prefix keys from the cache
+    included; the prefix rows of q come from :class:`QueryRecorder`, one tensor per captured layer in layer order.
+    The sink then sees exactly the q and k of one unshared forward over the whole sequence.
+    """
+
+    def __init__(self, sink: LayerSink, prefix_queries: Sequence[torch.Tensor]):
+        self.sink = sink
+        self.prefix_queries = prefix_queries
+        self.layer = 0
+
+    def add_layer(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.sink.add_layer(torch.cat([self.prefix_queries[self.layer], q], dim=2), k)
+        self.layer += 1
+
+
+class _Armed:
+    """State of one armed capture: which query and key lengths to accept and where each layer goes."""
+
+    def __init__(self, sink: LayerSink, seq_len: int, key_len: int, layer_of: dict[int, int]):
         self.sink = sink
         self.seq_len = seq_len
+        self.key_len = key_len
         self.layer_of = layer_of
         self.seen: list[int] = []
 
@@ -65,9 +95,10 @@ def _capturing_attention(base: str):
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
         state = _ARMED.get(id(module))
-        # Decoding steps (query length 1) and any other call with a different length are never captured:
-        # only the prefill's query rows enter the rollout (SPEC §1.2, §4.6).
-        if state is not None and query.shape[2] == state.seq_len and key.shape[2] == state.seq_len:
+        # Decoding steps (query length 1) and any other call with different lengths are never captured: only the
+        # prefill's query rows enter the rollout (SPEC §1.2, §4.6). A prefill continued after a cached prefix has
+        # fewer query rows than keys (SPEC §5.8f).
+        if state is not None and query.shape[2] == state.seq_len and key.shape[2] == state.key_len:
             state.seen.append(state.layer_of[id(module)])
             state.sink.add_layer(query, key)
         return base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -110,9 +141,10 @@ class AttentionCapture:
         self.text_config._attn_implementation = self.base
 
     @contextlib.contextmanager
-    def armed(self, sink: LayerSink, seq_len: int) -> Iterator[None]:
-        """Capture the forward pass(es) inside the block whose query length is ``seq_len`` (the prefill)."""
-        state = _Armed(sink, seq_len, self.layer_of)
+    def armed(self, sink: LayerSink, seq_len: int, key_len: int | None = None) -> Iterator[None]:
+        """Capture the forward pass(es) inside the block whose query length is ``seq_len`` and key length
+        ``key_len`` (default ``seq_len``): the prefill, or a prefill continued after a cached prefix."""
+        state = _Armed(sink, seq_len, seq_len if key_len is None else key_len, self.layer_of)
         for module_id in self.layer_of:
             _ARMED[module_id] = state
         try:

@@ -51,6 +51,10 @@ def build_stage1_parser(description: str, family_flags: Sequence[str]) -> argpar
     group.add_argument("--max_new_tokens", type=int, default=128,
                        help="greedy decoding length of the answers (SPEC §4.7: 128); lower it only for smoke tests "
                             "of random-weight models, it can change obj_name")
+    group.add_argument("--no_prefix_cache", action="store_true",
+                       help="compute every call of every expression from scratch instead of prefilling each visual "
+                            "input's prefix (vision tower included) once per video (SPEC §5.8f); the maps are the "
+                            "same, this is the reference path")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_image_processor_arg(group)
     for name in family_flags:

@@ -132,18 +132,32 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], famil
             rollout_impl=args.rollout_impl,
             rollout_dtype=torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32,
             no_background=args.no_background, save_bg_captions=args.save_bg_captions,
-            max_new_tokens=args.max_new_tokens)
+            max_new_tokens=args.max_new_tokens, share_prefix=not args.no_prefix_cache)
         pipeline = PromptingPipeline(adapter, settings)
         pipeline.bar = StepCounter(record.bar, "MLLM pass")  # the passes of the current job, on the run's bar
         with logging_redirect_tqdm():
-            for job, path in pending:
+            for video_jobs in by_video(pending):
                 if record.stopped:
                     break
-                run_claimed_job(pipeline, job, path, args, num_layers, expected, record)
+                # the video's visual prefixes are computed by its first pending job and freed after its last
+                with pipeline.video_session():
+                    for job, path in video_jobs:
+                        if record.stopped:
+                            break
+                        run_claimed_job(pipeline, job, path, args, num_layers, expected, record)
 
     return record.close([folder], "attn-map", args, resolved={
         "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
         "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)}, empty_expressions=empty)
+
+
+def by_video(pending: Sequence[tuple[Any, Path]]) -> list[list[tuple[Any, Path]]]:
+    """Pending jobs grouped by video (SPEC §10.9 order kept within and between groups): all expressions of a video
+    sample the same frames, so they share its visual prefixes (SPEC §5.8f)."""
+    groups: dict[str, list[tuple[Any, Path]]] = {}
+    for job, path in pending:
+        groups.setdefault(str(job.frames_dir), []).append((job, path))
+    return list(groups.values())
 
 
 def run_claimed_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int,

@@ -175,6 +175,9 @@ class MLLMAdapter(ABC):
     default_image_processor: ClassVar[str]
     #: how the M-RoPE positions of video passes are made, recorded in the cache (§3.1); None: 1-D positions
     mrope_positions: ClassVar[str | None] = None
+    #: whether the engine may compute the visual prefix once per video and continue each call after it (SPEC
+    #: §5.8f); a family whose continued passes were not shown exact keeps it False
+    shares_prefix: ClassVar[bool] = True
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu", precision: str = "bf16",
                  attn_implementation: str | None = None, image_processor: str | None = None,
@@ -336,6 +339,11 @@ class MLLMAdapter(ABC):
             raise RuntimeError(f"{self.family}: rows have {counts} visual tokens but the map grid {grid} needs "
                                f"{expected}")
         return VisualBatch(inputs=inputs, visual_mask=visual, key_mask=key_mask, grid=grid, tiling=tiling)
+
+    def position_ids(self, batch: VisualBatch) -> torch.Tensor | None:
+        """Position ids of the batch's whole sequence, for passes continued after a cached prefix (SPEC §5.8f);
+        None: 1-D positions, which the model continues from the cache length by itself."""
+        return batch.inputs.get("position_ids")
 
     def row_map(self, values: torch.Tensor, batch: VisualBatch) -> torch.Tensor:
         """One row's visual values (sequence order) → its (t, h, w) map: row-major by default (§6.1)."""

@@ -180,6 +180,23 @@ class QwenVLAdapter(MLLMAdapter):
             return {"cap_pixels_per_frame": False}
         return {}
 
+    def position_ids(self, batch: VisualBatch) -> torch.Tensor:
+        """(3, B, L) M-RoPE positions: the video pass's own (paper rule, §3.1), else the library's
+        ``get_rope_index``, which the model would run itself on the whole sequence (§3.1, §3.4)."""
+        inputs = batch.inputs
+        if "position_ids" in inputs:
+            return inputs["position_ids"]
+        ids = inputs["input_ids"]
+        # text 0, image 1, video 2: how the library's processor marks modalities for get_rope_index
+        types = inputs.get("mm_token_type_ids")
+        if types is None:
+            types = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        extra = {name: inputs[name] for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                 if inputs.get(name) is not None}
+        positions, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=types,
+                                                       attention_mask=inputs.get("attention_mask"), **extra)
+        return positions
+
     # ----- frame level (calls 2, 5) ---------------------------------------------------------------------------
     def frame_image_size(self, frame: Path, video: VisualBatch) -> tuple[int, int]:
         """(H, W) pixels of a frame-level image: s× the video grid, or smart_resize with a per-image budget."""
