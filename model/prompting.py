@@ -228,6 +228,7 @@ class PromptingPipeline:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.adapter.model.get_input_embeddings()(ids)
 
+    @torch.inference_mode()  # no autograd graph: the prefix prefill of a 7B model would keep every activation
     def _new_prefix(self, batch: VisualBatch, text_prefix: list[int], suffix: list[int]) -> _Prefix | None:
         """The prefix of ``batch`` if its calls can continue after it exactly, else None (padding, or a suffix that
         is not the rendered text's tail)."""
