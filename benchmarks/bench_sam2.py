@@ -47,7 +47,8 @@ from model.sam2_prompting import FeatureCache, load_sam2_predictor, sam2_extensi
 from model.tiny.sam2 import build_tiny_sam2_checkpoint  # noqa: E402
 from model.video import sample_indices  # noqa: E402
 
-BEDROOM = REPO.parent / "shared" / "data" / "videos" / "bedroom"
+#: the repository's 40 test frames; docs/benchmarks.md's numbers used the first frames of the full clip (--frames_dir)
+BEDROOM = REPO / "tests" / "data" / "bedroom"
 #: module name prefix → time category (exclusive time: a category nested in another is not counted twice)
 MODULE_CATEGORIES = {"image_encoder": "image encoder", "sam_prompt_encoder": "prompt encoder + mask decoder",
                      "sam_mask_decoder": "prompt encoder + mask decoder", "memory_attention": "memory attention",
