@@ -1,15 +1,16 @@
 """Stage 2 (coarse and SAM2 masks) and the keypoint branch over a benchmark (SPEC §1.1, §6–§9, §10.9, §12).
 
-Both commands read one attention cache per job, check it against the frame folder as it is now (§12.2), fuse it
-into Φ (§6) and write their outputs atomically (§12.6). Jobs are sharded over the full list first and finished
-jobs skipped inside the shard (§10.9); they run grouped by video, so the SAM2 image features of a video are
-computed once for all its expressions (§8.10). Each output is computed under a claim
-(:func:`model.atomic.output_claim`), so concurrent processes on one output folder never compute it twice. The model
-family always comes from the cache (§14 #27).
+Both commands read one attention cache per job, check it against the frame folder as it is now (§12.2), fuse it into
+Φ (§6) and write their outputs atomically (§12.6). Jobs are sharded over the full list first and finished jobs
+skipped inside the shard (§10.9); they run grouped by video, so the SAM2 image features of a video are computed once
+for all its expressions (§8.10). Each output is computed under a claim (:func:`model.atomic.output_claim`), so
+concurrent processes on one output folder never compute it twice. The model family always comes from the cache (§14
+#27).
 
-The scripts ``inference_attn_mask.py`` and ``inference_keypoints.py`` parse their flags with
-:mod:`model.parsers` and call :func:`run_masks` and :func:`run_keypoints`; :func:`run_mask_job` and :func:`run_keypoint_job` are the per-job Python API. SAM2 (and
-its Hydra stack) is imported only when SAM masks are asked for, so coarse masks and keypoints start quickly.
+The scripts ``inference_attn_mask.py`` and ``inference_keypoints.py`` parse their flags with :mod:`model.parsers`
+and call :func:`run_masks` and :func:`run_keypoints`; :func:`run_mask_job` and :func:`run_keypoint_job` are the
+per-job Python API. SAM2 (and its Hydra stack) is imported only when SAM masks are asked for, so coarse masks and
+keypoints start quickly.
 """
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ def check_inputs(steps: Sequence[str], stage1: argparse.Namespace, sam2_ckpt: st
 
     if any(step in steps for step in ("attn", "coarse", "sam", "keypoints", "coarse_eval", "sam_eval",
                                       "keypoint_eval")):
-        if not list_jobs(stage1.dataset, stage1.data_root, stage1.testset):  # reads the meta file; names what is missing
+        # reading the meta file names what is missing
+        if not list_jobs(stage1.dataset, stage1.data_root, stage1.testset):
             raise DecafError(f"the {stage1.dataset} meta file under {stage1.data_root} lists no expression")
     if "attn" in steps:
         from model.adapters import adapter_for_checkpoint

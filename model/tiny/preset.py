@@ -1,10 +1,11 @@
-"""The offline preset: tiny random-weight checkpoints of the real classes in one folder, and the settings that let
-the demo, the API and the self-test run on them in about a minute on a laptop CPU.
+"""The offline preset: tiny random-weight checkpoints of the real classes in one folder, and the settings that let the
+demo, the API and the self-test run on them in about a minute on a laptop CPU.
 
-``python -m model.selftest --make_ckpts ckpts/tiny`` writes the folder; ``python demo.py --tiny …`` uses it (and
-writes it first if it is missing). The folder holds a Qwen2.5-VL checkpoint (the stock transformers class with 28
-LLM layers, so that the paper's start layer 14 is "auto"), a Hiera-T SAM2 at 256 px and ``tiny_checkpoints.json``,
-which says how to load them. The weights are random: the masks mean nothing, the pipeline is the real one.
+``python -m model.selftest --make_ckpts ckpts/tiny`` writes the folder; ``python demo.py --tiny …`` and
+``segment(..., tiny=True)`` use it (and write it first if it is missing, :func:`ensure_tiny_checkpoints`). The
+folder holds a Qwen2.5-VL checkpoint (the stock transformers class with 28 LLM layers, so that the paper's start
+layer 14 is "auto"), a Hiera-T SAM2 at 256 px and ``tiny_checkpoints.json``, which says how to load them. The
+weights are random: the masks mean nothing, the pipeline is the real one.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def make_tiny_checkpoints(folder: str | os.PathLike) -> TinyCheckpoints:
     config, overrides = build_tiny_sam2_checkpoint(tiny.vision_pretrained, image_size=SAM2_IMAGE_SIZE)
     if (config, tuple(overrides)) != (tiny.vision_pretrained_config, tiny.sam2_overrides):
         raise RuntimeError(f"tiny SAM2 built as {config} {overrides}, but tiny_layout() says otherwise")
-    description = {"version": tiny.version.name, "vision_pretrained": str(tiny.vision_pretrained.relative_to(tiny.folder)),
+    description = {"version": tiny.version.name,
+                   "vision_pretrained": str(tiny.vision_pretrained.relative_to(tiny.folder)),
                    "vision_pretrained_config": config, "sam2_overrides": list(overrides), "note": DISCLAIMER}
     atomic_write_text(tiny.folder / DESCRIPTION_FILE, json.dumps(description, indent=1) + "\n")
     return tiny
