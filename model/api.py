@@ -98,6 +98,7 @@ class VideoSource:
     frames: list[Path]  # all F frame files, in order
     fps: float | None  # the source frame rate of a video file; None for a frame folder
     _decoded: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _frame_size: tuple[int, int] | None = field(default=None, repr=False)  # set once every frame was checked
 
     @classmethod
     def open(cls, video: str | os.PathLike) -> VideoSource:
@@ -125,12 +126,15 @@ class VideoSource:
         """Check every frame, not only the sampled ones, before any model loads; return (H₀, W₀).
 
         All F frames must have one size (SPEC §2.4) and decode fully: SAM2 reads every frame in phase 2 (§8.8),
-        and a truncated JPEG passes a header read.
+        and a truncated JPEG passes a header read. The check runs once per source: the demo and :func:`segment`
+        check before loading the models, and :meth:`Segmenter.segment` then reuses the result.
         """
-        frame_size = check_frame_sizes(self.frames)
-        for path in self.frames:
-            verify_decodable(path)
-        return frame_size
+        if self._frame_size is None:
+            frame_size = check_frame_sizes(self.frames)
+            for path in self.frames:
+                verify_decodable(path)
+            self._frame_size = frame_size
+        return self._frame_size
 
     def close(self) -> None:
         """Remove the temporary frames of a decoded video file (a frame folder is never touched)."""
