@@ -10,9 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from model.errors import run_cli
-from evaluation.rvos_datasets import default_data_root
 from evaluation.reasonvos_reformat import reformat
+from model.jobs.benchmarks import default_data_root
+from model.utils.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,9 @@ from typing import Sequence
 
 # only light modules before the arguments are parsed: --help and a bad flag answer at once, before torch loads
 from model.cli_args import add_image_processor_arg, batch_arg, layer_start_arg, positive_int, prompt_version_arg
-from model.errors import run_cli, set_interrupt_note
+from model.selftest.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS, tiny_layout
 from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
-from model.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS, tiny_layout
+from model.utils.errors import run_cli, set_interrupt_note
 
 DEFAULTS = SegmentSettings()
 
@@ -139,7 +139,7 @@ def parse_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | Non
 def prepare_tiny(args: argparse.Namespace) -> None:
     """With ``--tiny``: build the tiny checkpoints if ``--tiny_ckpts`` holds none yet, and say what they are."""
     if args.tiny:
-        from model.tiny.preset import ensure_tiny_checkpoints
+        from model.selftest.tiny.preset import ensure_tiny_checkpoints
 
         logging.getLogger("decaf.demo").warning("--tiny: %s", DISCLAIMER)
         ensure_tiny_checkpoints(args.tiny_ckpts)
@@ -158,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_interrupt_note(lambda: "no output was left half-written (each appears only when complete); run the same "
                                "command again")
     from model.api import Segmenter, VideoSource, check_checkpoints, check_expression
-    from model.atomic import write_manifest
-    from model.sam2_prompting import sam2_extension_loaded
-    from model.visualize import save_outputs
+    from model.sam.prompting import sam2_extension_loaded
+    from model.utils.atomic import write_manifest
+    from model.vis.visualize import save_outputs
 
     settings = SegmentSettings(**{name: getattr(args, name) for name in SegmentSettings.field_names()})
     # the expression, every frame and both checkpoints are checked before either model loads

@@ -6,13 +6,13 @@ Example (Ref-DAVIS17, Qwen2.5-VL-7B caches from stage 1):
 """
 from __future__ import annotations
 
-from model.errors import run_cli
 from model.parsers import build_mask_parser
+from model.utils.errors import run_cli
 
 
 def main(argv=None) -> int:
     args = build_mask_parser().parse_args(argv)
-    from model.stage2 import run_masks  # torch and SAM2 load only after parsing: --help answers at once
+    from model.stage2 import run_masks
 
     return run_masks(args)
 

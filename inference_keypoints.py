@@ -5,13 +5,13 @@ Example (the reference's keypoint run on Ref-DAVIS17):
 """
 from __future__ import annotations
 
-from model.errors import run_cli
 from model.parsers import build_keypoint_parser
+from model.utils.errors import run_cli
 
 
 def main(argv=None) -> int:
     args = build_keypoint_parser().parse_args(argv)
-    from model.stage2 import run_keypoints  # torch and SAM2 load only after parsing: --help answers at once
+    from model.stage2 import run_keypoints
 
     return run_keypoints(args)
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.errors import DecafError, run_cli  # noqa: E402
-from model.rollout import make_rollout  # noqa: E402
+from model.attention.rollout import make_rollout
+from model.utils.errors import DecafError, run_cli
 
 #: candidate tile configs tried by --sweep (BLOCK_M = query rows, BLOCK_N = key columns)
 STATS_SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8,

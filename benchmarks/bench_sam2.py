@@ -42,10 +42,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import model.sam2_predictor as sam2_predictor  # noqa: E402
-from model.sam2_prompting import FeatureCache, load_sam2_predictor, sam2_extension_loaded, sam2_masks  # noqa: E402
-from model.tiny.sam2 import build_tiny_sam2_checkpoint  # noqa: E402
-from model.video import sample_indices  # noqa: E402
+import model.sam.predictor as sam2_predictor  # noqa: E402
+from model.sam.prompting import FeatureCache, load_sam2_predictor, sam2_extension_loaded, sam2_masks
+from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.utils.video import sample_indices
 
 #: the repository's 40 test frames; docs/benchmarks.md's numbers used the first frames of the full clip (--frames_dir)
 BEDROOM = REPO / "tests" / "data" / "bedroom"

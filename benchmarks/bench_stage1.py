@@ -36,10 +36,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.adapters.base import AdapterOptions  # noqa: E402
-from model.capture import Tee  # noqa: E402
-from model.prompting import PipelineSettings, PromptingPipeline  # noqa: E402
-from model.rollout import make_rollout  # noqa: E402
+from model.adapters.base import AdapterOptions
+from model.attention.capture import Tee
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.attention.rollout import make_rollout
 
 #: the repository's 40 test frames; docs/benchmarks.md's numbers used the first frames of the full clip (--frames_dir)
 BEDROOM = REPO / "tests" / "data" / "bedroom"
@@ -50,21 +50,21 @@ def family_setup(family: str, workdir: Path) -> tuple[type, Path, Any]:
     """(adapter class, tiny checkpoint with the real processor, full-size config) of a family."""
     if family in ("qwen2_vl", "qwen2_5_vl"):
         from model.adapters.qwen import QwenVLAdapter
-        from model.tiny.qwen import build_tiny_qwen_checkpoint, reference_config
+        from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint, reference_config
         ckpt = build_tiny_qwen_checkpoint(workdir / family, family, real_vocab=True, num_layers=1)
         return QwenVLAdapter, ckpt, reference_config(family)
     if family == "qwen3_vl":
         from model.adapters.qwen3_vl import Qwen3VLAdapter
-        from model.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
+        from model.selftest.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
         return Qwen3VLAdapter, build_tiny_qwen3_vl_checkpoint(workdir / family, real_vocab=True), reference_config()
     if family == "llava_onevision":
         from model.adapters.llava_onevision import LlavaOnevisionAdapter
-        from model.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint, reference_config
+        from model.selftest.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint, reference_config
         return (LlavaOnevisionAdapter, build_tiny_llava_onevision_checkpoint(workdir / family, real_vocab=True),
                 reference_config())
     if family == "internvl":
         from model.adapters.internvl import InternVLAdapter
-        from model.tiny.internvl import build_tiny_internvl_checkpoint, reference_config
+        from model.selftest.tiny.internvl import build_tiny_internvl_checkpoint, reference_config
         return InternVLAdapter, build_tiny_internvl_checkpoint(workdir / family, real_vocab=True), reference_config()
     raise SystemExit(f"unknown family {family}")
 
@@ -316,7 +316,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # call 3: text only, greedy decoding of a fixed number of tokens (random weights never stop)
-    from model import prompts
+    from model.attention import prompts
     pipeline.capture.detach()
     pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end,
                                                           max_new_tokens=args.decode_tokens))

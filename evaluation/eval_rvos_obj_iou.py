@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from model.errors import run_cli
 from evaluation.evaluator import COARSE, evaluate
+from model.utils.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:

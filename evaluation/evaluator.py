@@ -19,12 +19,11 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from model.atomic import atomic_write, atomic_write_json, write_manifest
-from model.errors import EXIT_JOBS_FAILED, DecafError
-from model.paths import data_name, metrics_path
-
-from .rvos_datasets import (DATASETS, dataset_files, davis_anno_ids, expression_anno_ids, find_mask_key,
-                       jobs_from_meta, load_mask_dict, load_meta)
+from evaluation.ground_truth import davis_anno_ids, expression_anno_ids, find_mask_key, load_mask_dict
+from model.jobs.benchmarks import DATASETS, dataset_files, jobs_from_meta, load_meta
+from model.utils.atomic import atomic_write, atomic_write_json, write_manifest
+from model.utils.errors import EXIT_JOBS_FAILED, DecafError
+from model.utils.paths import data_name, metrics_path
 from .metrics import aggregate, aggregate_revos, expression_values, percent
 from .scoring import (PP_KS, ExpressionResult, ExpressionTask, coarse_worker, dense_worker,
                       keypoints_worker)

@@ -6,8 +6,8 @@ Example:
 """
 from __future__ import annotations
 
-from model.errors import run_cli
 from model.parsers import build_stage1_parser
+from model.utils.errors import run_cli
 
 FAMILY_FLAGS = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image")
 

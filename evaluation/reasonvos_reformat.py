@@ -16,10 +16,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from model.atomic import atomic_write_bytes, atomic_write_json
-from model.errors import DecafError
-
-from .rvos_datasets import load_meta
+from model.jobs.benchmarks import load_meta
+from model.utils.atomic import atomic_write_bytes, atomic_write_json
+from model.utils.errors import DecafError
 
 ORIGINAL_META = "meta_expressions.json"
 NEW_META = "meta_expressions_v2.json"

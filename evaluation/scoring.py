@@ -14,10 +14,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.errors import DecafError
-from model.video import list_frames, read_frame_size
-
-from .rvos_datasets import decode_rle, gt_masks
+from evaluation.ground_truth import decode_rle, gt_masks
+from model.utils.errors import DecafError
+from model.utils.video import list_frames, read_frame_size
 from .metrics import accuracy, boundary_f, region_similarity, robustness
 
 PP_KS = (1, 5, 10, 50, 100)

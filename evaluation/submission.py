@@ -11,8 +11,8 @@ import logging
 import zipfile
 from pathlib import Path
 
-from model.atomic import atomic_write, is_temporary
-from model.errors import DecafError
+from model.utils.atomic import atomic_write, is_temporary
+from model.utils.errors import DecafError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from model.errors import run_cli
 from evaluation.submission import ZIP_PREFIX, make_submission_zip
+from model.utils.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:

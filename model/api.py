@@ -3,7 +3,7 @@
 :class:`Segmenter` loads the MLLM and SAM2 once and segments any number of (video, expression) pairs;
 :func:`segment` is the one-call form. Each call runs stage 1 without a cache file (the five MLLM calls, §1.2),
 fusion (§6), coarse masks (§7) and SAM2 prompting (§8), and returns everything the demo visualises
-(:mod:`model.visualize`)::
+(:mod:`model.vis.visualize`)::
 
     from model.api import segment
     result = segment("assets/sample_clip", "the bed")      # or a video file such as clip.mp4
@@ -31,19 +31,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .adapters import adapter_for_checkpoint
-from .adapters.base import AdapterOptions, check_checkpoint_files, resolve_layer_range
-from .cli_args import default_device
-from .coarse_masks import coarse_masks
-from .errors import DecafError
-from .fusion import fuse_maps
-from .prompting import PipelineSettings, PromptingPipeline
-from .sam2_prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
-                             sam2_masks)
-from .settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
-from .tiny.preset import (DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS, ensure_tiny_checkpoints,
-                          tiny_layout)
-from .video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable
+from model.adapters import adapter_for_checkpoint
+from model.adapters.base import AdapterOptions, check_checkpoint_files, resolve_layer_range
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.cli_args import default_device
+from model.maps.coarse_masks import coarse_masks
+from model.maps.fusion import fuse_maps
+from model.sam.prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
+                                 sam2_masks)
+from model.selftest.tiny.preset import (DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS,
+                                        ensure_tiny_checkpoints, tiny_layout)
+from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
+from model.utils.errors import DecafError
+from model.utils.video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.api")
 

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 
-from .atomic import atomic_write
-from .errors import DecafError
+from model.utils.atomic import atomic_write
+from model.utils.errors import DecafError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "decaf"

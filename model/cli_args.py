@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .errors import DecafError
+from model.utils.errors import DecafError
 
 DATASET_CHOICES = ("davis", "ytvos", "mevis", "revos", "reasonvos")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .cli_args import add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, positive_int
-from .paths import DEFAULT_THRESHOLD
-from .settings import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, FUSION_MODES
+from model.cli_args import add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, positive_int
+from model.settings import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
+from model.utils.paths import DEFAULT_THRESHOLD
+from model.utils.paths import FUSION_MODES
 
 # -------------------------------------------------------------------------------------------------- stage 1
 FAMILY_FLAGS = {

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from . import prompts
-from .errors import DecafError
+from model.attention import prompts
+from model.utils.errors import DecafError
 
 DEFAULT_MLLM = "ckpts/Qwen2.5-VL-7B-Instruct"
 DEFAULT_SAM2_CHECKPOINT = "ckpts/sam2-hiera-large/sam2_hiera_large.pt"
 DEFAULT_SAM2_CONFIG = "sam2_hiera_l.yaml"
-#: which levels enter Φ (SPEC §6.7, paper Table 4b)
-FUSION_MODES = ("both", "video", "frame")
 
 
 # --------------------------------------------------------------------------------------------------- settings

@@ -3,7 +3,7 @@
 Shared by every ``evaluation/inference_attn_map_<family>.py``: each script only names its adapter class and the
 family flags it accepts. Jobs are sharded over the full list first and finished jobs skipped afterwards (§10.9); an
 existing cache is trusted only if it validates and was made with the same settings (§12.2). Each job is computed
-under a claim (:func:`model.atomic.output_claim`), so concurrent processes on one cache folder never compute a
+under a claim (:func:`model.utils.atomic.output_claim`), so concurrent processes on one cache folder never compute a
 job twice. Everything a run needs (checkpoint files, a writable cache folder) is checked before any job starts.
 """
 from __future__ import annotations
@@ -16,19 +16,19 @@ from typing import Any, Sequence
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .adapters import extraction_script
-from .adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files, default_attn_implementation,
-                            layer_count, read_checkpoint_config, resolve_layer_range)
-from .atomic import check_writable_folder, library_versions, output_claim
-from .cache import load_cache, save_cache, setting_mismatches
-from .cli_args import default_device, model_name_of
-from .errors import DecafError
-from .parsers import FAMILY_FLAGS, build_stage1_parser
-from .paths import cache_file_name, cache_folder, run_folder
-from .prompting import PipelineSettings, PromptingPipeline
-from .prompts import is_empty_expression
-from .run_record import RunRecord, StepCounter
-from .video import check_frame_sizes, list_frames, sample_indices, verify_decodable
+from model.adapters import extraction_script
+from model.adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_files, default_attn_implementation,
+                                 layer_count, read_checkpoint_config, resolve_layer_range)
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.attention.prompts import is_empty_expression
+from model.cache import load_cache, save_cache, setting_mismatches
+from model.cli_args import default_device, model_name_of
+from model.parsers import FAMILY_FLAGS, build_stage1_parser
+from model.utils.atomic import check_writable_folder, library_versions, output_claim
+from model.utils.errors import DecafError
+from model.utils.paths import cache_file_name, cache_folder, run_folder
+from model.utils.run_record import RunRecord, StepCounter
+from model.utils.video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.stage1")
 
@@ -67,7 +67,7 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
 
 def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], family_flags: Sequence[str]) -> int:
     """Stage 1 on parsed arguments (:func:`model.parsers.build_stage1_parser`) with one family's adapter."""
-    from evaluation.rvos_datasets import list_jobs, shard_from_env, shard_jobs
+    from model.jobs.benchmarks import list_jobs, shard_from_env, shard_jobs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_input_frames < 1:

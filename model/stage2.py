@@ -3,7 +3,7 @@
 Both commands read one attention cache per job, check it against the frame folder as it is now (§12.2), fuse it into
 Φ (§6) and write their outputs atomically (§12.6). Jobs are sharded over the full list first and finished jobs
 skipped inside the shard (§10.9); they run grouped by video, so the SAM2 image features of a video are computed once
-for all its expressions (§8.10). Each output is computed under a claim (:func:`model.atomic.output_claim`), so
+for all its expressions (§8.10). Each output is computed under a claim (:func:`model.utils.atomic.output_claim`), so
 concurrent processes on one output folder never compute it twice. The model family always comes from the cache (§14
 #27).
 
@@ -21,26 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
-import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from evaluation.rvos_datasets import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
-                                      shard_jobs)
-
-from .adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
-from .atomic import atomic_directory, check_writable_folder, output_claim
-from .cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
-from .cli_args import default_device, model_name_of
-from .coarse_masks import coarse_masks
-from .errors import DecafError
-from .fusion import fuse_cache
-from .keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
-from .parsers import build_keypoint_parser, build_mask_parser
-from .paths import DEFAULT_THRESHOLD, cache_file_name, cache_folder, output_folder, output_kind, run_folder
-from .run_record import RunRecord
-from .video import check_frame_sizes, frame_name, list_frames, read_frame_size, sample_indices
+from model.adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
+from model.cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
+from model.cli_args import default_device, model_name_of
+from model.jobs.benchmarks import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
+                                   shard_jobs)
+from model.maps.coarse_masks import coarse_masks
+from model.maps.fusion import fuse_cache
+from model.maps.keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
+from model.parsers import build_keypoint_parser, build_mask_parser
+from model.utils.atomic import check_writable_folder, output_claim
+from model.utils.errors import DecafError
+from model.utils.mask_png import write_mask_folder
+from model.utils.paths import DEFAULT_THRESHOLD, cache_file_name, cache_folder, output_folder, output_kind, run_folder
+from model.utils.run_record import RunRecord
+from model.utils.video import check_frame_sizes, frame_name, list_frames, read_frame_size, sample_indices
 
 log = logging.getLogger("decaf.stage2")
 
@@ -203,21 +201,6 @@ def load_job_cache(cache_path: str | Path, video: VideoFrames, settings: RunSett
     return cache
 
 
-def write_mask_folder(folder: str | Path, names: Sequence[str], masks: np.ndarray) -> Path:
-    """One 8-bit single-channel ``<name>.png`` per mask, values {0, 255}, no palette, written atomically (§12.3)."""
-    if len(names) != len(masks):
-        raise ValueError(f"{len(masks)} masks for {len(names)} frame names")
-    with atomic_directory(folder) as tmp:
-        for name, mask in zip(names, masks):
-            # encoded in memory (the bytes cv2.imwrite writes) and written by Python, so a full disk raises an
-            # OSError with its reason
-            ok, png = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8))
-            if not ok:
-                raise DecafError(f"cannot encode {Path(folder) / name}.png")
-            (tmp / f"{name}.png").write_bytes(png.tobytes())
-    return Path(folder)
-
-
 def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettings, *,
                  attn_mask_dir: str | Path | None = None, sam_mask_dir: str | Path | None = None,
                  sam: SamPrompting | None = None, features: Any | None = None,
@@ -225,7 +208,7 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
     """Stage 2 on one job: Φ from the cache (§6), then coarse masks (§7) and/or SAM2 masks (§8).
 
     ``attn_mask_dir`` / ``sam_mask_dir`` are the expression folders to write (None skips that kind); each is
-    written atomically. ``features`` is the video's :class:`model.sam2_prompting.FeatureCache` (optional).
+    written atomically. ``features`` is the video's :class:`model.sam.prompting.FeatureCache` (optional).
     """
     if sam_mask_dir is not None and sam is None:
         raise ValueError("SAM masks need a loaded predictor (sam=SamPrompting(...))")
@@ -242,7 +225,7 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
         if all_zero:
             outcome.degenerate.append(f"{ATTN_MASK}: Φ is all zero; wrote empty coarse masks")
     if sam_mask_dir is not None:
-        from .sam2_prompting import sam2_masks
+        from model.sam.prompting import sam2_masks
 
         result = sam2_masks(sam.predictor, phi, video.frames, keys, point_threshold=sam.point_threshold,
                             final_score_threshold=sam.final_score_threshold, features=features,
@@ -304,7 +287,7 @@ def _configure_logging() -> None:
 def load_sam(args: argparse.Namespace, device: str) -> tuple[SamPrompting, bool]:
     """Load the SAM2 predictor before any job starts (a missing checkpoint is one line, SPEC §8.1) and report
     whether the ``_C`` extension loads (logged by the loader, recorded in the manifest)."""
-    from .sam2_prompting import load_sam2_predictor, sam2_extension_loaded
+    from model.sam.prompting import load_sam2_predictor, sam2_extension_loaded
 
     predictor = load_sam2_predictor(args.vision_pretrained_config, args.vision_pretrained, device,
                                     hydra_overrides=tuple(args.sam2_overrides))
@@ -382,7 +365,7 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
         video = VideoFrames.read(group[0].frames_dir, settings.num_input_frames, frames)
         features = None
         if any(SAM_MASK in missing for _, missing in todo):
-            from .sam2_prompting import FeatureCache
+            from model.sam.prompting import FeatureCache
 
             features = FeatureCache(sam.predictor, video.frames, offload_to_cpu=True)
     except Exception as exc:

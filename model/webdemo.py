@@ -32,12 +32,12 @@ from typing import Any, Sequence
 
 import cv2
 
-from .api import Segmenter, SegmentSettings, VideoSource
-from .cli_args import batch_arg
-from .errors import DecafError, run_cli
-from .selftest import REPO, SAMPLE_CLIP
-from .video import check_frame_sizes
-from .web_outputs import browser_codec, write_gallery, write_mask_zip, write_overlay_video
+from model.api import Segmenter, SegmentSettings, VideoSource
+from model.cli_args import batch_arg
+from model.utils.errors import DecafError, run_cli
+from model.utils.paths import REPO, SAMPLE_CLIP
+from model.utils.video import check_frame_sizes
+from model.vis.web_outputs import browser_codec, write_gallery, write_mask_zip, write_overlay_video
 
 log = logging.getLogger("decaf.webdemo")
 

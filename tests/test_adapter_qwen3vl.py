@@ -16,13 +16,13 @@ from conftest import REPO, copy_frames, frame_path
 from model.adapters.base import AdapterOptions, resolve_layer_range
 from model.adapters.qwen import smart_resize
 from model.adapters.qwen3_vl import CLIP_FPS, Qwen3VLAdapter, slot_timestamps
+from model.attention.capture import Tee
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.attention.rollout import make_rollout
 from model.cache import load_cache
-from model.capture import Tee
-from model.errors import DecafError
-from model.fusion import fuse_cache
-from model.prompting import PipelineSettings, PromptingPipeline
-from model.rollout import make_rollout
-from model.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
+from model.maps.fusion import fuse_cache
+from model.selftest.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint, reference_config
+from model.utils.errors import DecafError
 from test_stage1_qwen import make_davis
 
 SMALL = AdapterOptions(attn_max_token=16)  # 540×960 frames → 96×160 px → 3×5 merged tokens per slot

@@ -16,13 +16,13 @@ from PIL import Image
 from conftest import REPO, copy_frames
 from model.adapters.base import AdapterOptions, VisualBatch
 from model.adapters.internvl import InternVLAdapter, frame_tiling
+from model.adapters.internvl import SYS_INTERNVL
 from model.adapters.llava_onevision import LlavaOnevisionAdapter, anyres_layout
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.cache import load_cache
-from model.errors import DecafError
-from model.prompting import PipelineSettings, PromptingPipeline
-from model.prompts import SYS_INTERNVL
-from model.tiny.internvl import build_tiny_internvl_checkpoint
-from model.tiny.llava_onevision import IMAGE_GRID_PINPOINTS, build_tiny_llava_onevision_checkpoint
+from model.selftest.tiny.internvl import build_tiny_internvl_checkpoint
+from model.selftest.tiny.llava_onevision import IMAGE_GRID_PINPOINTS, build_tiny_llava_onevision_checkpoint
+from model.utils.errors import DecafError
 from test_stage1_qwen import assert_t1, make_davis, naive_rollout
 
 #: LLaVA-OV test frames (W, H): 1×2 anyres tiles whose 27×54 features unpad to 21×54 = 1134 tokens, so LLM passes

@@ -21,11 +21,11 @@ from PIL import Image
 
 from conftest import DOG_MP4, REPO, copy_frames
 from model.api import Segmenter, SegmentSettings, VideoSource, segment, video_name
-from model.errors import DecafError
-from model.sam2_prompting import candidate_points
-from model.tiny.qwen import build_tiny_qwen_checkpoint
-from model.tiny.sam2 import build_tiny_sam2_checkpoint
-from model.video import sample_indices
+from model.sam.prompting import candidate_points
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
+from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.utils.errors import DecafError
+from model.utils.video import sample_indices
 
 N = 4  # --num_input_frames
 DOG_FRAMES = 12  # frames of tests/data/dog.mp4

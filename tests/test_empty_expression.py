@@ -16,10 +16,10 @@ from conftest import REPO, copy_frames
 from model.adapters.base import AdapterOptions
 from model.adapters.qwen import QwenVLAdapter
 from model.api import Segmenter, SegmentSettings
-from model.errors import DecafError
-from model.prompting import PipelineSettings, PromptingPipeline
-from model.tiny.qwen import build_tiny_qwen_checkpoint
-from model.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
+from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.utils.errors import DecafError
 
 TINY = dict(num_input_frames=2, attn_max_token=16, max_new_tokens=2)
 

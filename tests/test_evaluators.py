@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from conftest import copy_frames
 from evaluation import eval_rvos, eval_rvos_keypoints, eval_rvos_obj_iou
 from evaluation.scoring import point_precision
-from model.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, run_cli
+from model.utils.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, run_cli
 from test_metrics import boundary_oracle, f_oracle
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from model.cache import load_cache, save_cache
-from model.coarse_masks import coarse_masks, quantise
-from model.errors import DecafError
-from model.fusion import bilinear_resize, fuse_cache, fuse_maps, gaussian_kernel, gaussian_smooth
-from model.keypoints import extract_keypoints, save_keypoints
+from model.maps.coarse_masks import coarse_masks, quantise
+from model.maps.fusion import bilinear_resize, fuse_cache, fuse_maps, gaussian_kernel, gaussian_smooth
+from model.maps.keypoints import extract_keypoints, save_keypoints
+from model.utils.errors import DecafError
 
 f32 = np.float32
 

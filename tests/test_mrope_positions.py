@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from conftest import copy_frames
 from model.adapters.base import AdapterOptions
 from model.adapters.qwen import PAPER_MROPE, QwenVLAdapter
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.attention.rollout import make_rollout
 from model.cache import load_cache, save_cache
-from model.prompting import PipelineSettings, PromptingPipeline
-from model.rollout import make_rollout
-from model.tiny.qwen import build_tiny_qwen_checkpoint
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
 
 SIZES = [(854, 480), (640, 360), (400, 300), (320, 240), (176, 144)]  # W×H
 FRAMES = 16

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.sam2_prompting as prompting
-from model.sam2_prompting import (Candidate, Tracklet, ac_scores, candidate_points, mask_iou, nms, select_tracklets,
-                                  update_tracklets)
+import model.sam.prompting as prompting
+from model.sam.prompting import (Candidate, Tracklet, ac_scores, candidate_points, mask_iou, nms, select_tracklets,
+                                 update_tracklets)
 
 f32 = np.float32
 WIDTH = 100  # masks are 1×WIDTH strips: an interval [a, b) of pixels makes IoUs easy to read

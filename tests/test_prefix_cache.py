@@ -18,11 +18,11 @@ from model.adapters.internvl import InternVLAdapter
 from model.adapters.llava_onevision import LlavaOnevisionAdapter
 from model.adapters.qwen import QwenVLAdapter
 from model.adapters.qwen3_vl import Qwen3VLAdapter
-from model.prompting import PipelineSettings, PromptingPipeline
-from model.tiny.internvl import build_tiny_internvl_checkpoint
-from model.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint
-from model.tiny.qwen import build_tiny_qwen_checkpoint
-from model.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
+from model.selftest.tiny.internvl import build_tiny_internvl_checkpoint
+from model.selftest.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
+from model.selftest.tiny.qwen3_vl import build_tiny_qwen3_vl_checkpoint
 from test_adapters_llava_internvl import LLAVA_FRAME_WH, resized_copies
 from test_stage1_qwen import assert_t1
 

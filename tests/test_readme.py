@@ -29,7 +29,7 @@ def code_blocks(text: str, language: str) -> list[tuple[str, str]]:
 def workdir(tmp_path_factory) -> Path:
     """An empty folder laid out like a checkout for a user's commands: the scripts and assets linked in, and the tiny
     checkpoints at ``ckpts/tiny``, built once for the module."""
-    from model.tiny.preset import make_tiny_checkpoints
+    from model.selftest.tiny.preset import make_tiny_checkpoints
 
     folder = tmp_path_factory.mktemp("readme")
     for name in ("demo.py", "assets", "model", "evaluation"):

@@ -25,9 +25,9 @@ from model.adapters.llava_onevision import LlavaOnevisionAdapter
 from model.adapters.qwen import QwenVLAdapter
 from model.cache import setting_mismatches
 from model.parsers import build_stage1_parser as build_parser
-from model.tiny.internvl import build_tiny_internvl_checkpoint
-from model.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint
-from model.tiny.qwen import build_tiny_qwen_checkpoint
+from model.selftest.tiny.internvl import build_tiny_internvl_checkpoint
+from model.selftest.tiny.llava_onevision import build_tiny_llava_onevision_checkpoint
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
 
 SMALL = AdapterOptions(attn_max_token=16)
 

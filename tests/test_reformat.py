@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from conftest import copy_frames
 from evaluation import eval_rvos
 from evaluation.reasonvos_reformat import reformat, reformat_meta
-from model.errors import DecafError
+from model.utils.errors import DecafError
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 12, 16

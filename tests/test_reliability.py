@@ -30,13 +30,13 @@ from evaluation import eval_rvos
 from evaluation import inference_attn_map_qwenvl as stage1_script
 from model.adapters.base import AdapterOptions
 from model.adapters.qwen import QwenVLAdapter
-from model.atomic import HOST_TAG, TMP_MARKER, output_claim
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.cache import load_cache
-from model.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, DecafError, run_cli
-from model.prompting import PipelineSettings, PromptingPipeline
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
 from model.stage1 import finished
 from model.stage2 import keypoint_main, mask_main
-from model.tiny.qwen import build_tiny_qwen_checkpoint
+from model.utils.atomic import HOST_TAG, TMP_MARKER, output_claim
+from model.utils.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, DecafError, run_cli
 from test_evaluators import build_davis
 from test_stage1_qwen import make_davis
 
@@ -115,7 +115,7 @@ def ckpt(work) -> Path:
 
 @pytest.fixture(scope="module")
 def sam2(work) -> tuple[Path, str, list[str]]:
-    from model.tiny.sam2 import build_tiny_sam2_checkpoint
+    from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
 
     path = work / "ckpts" / "tiny_sam2.pt"
     config, overrides = build_tiny_sam2_checkpoint(path, image_size=256, seed=0)
@@ -253,7 +253,7 @@ def test_stage2_killed_and_resumed_is_byte_identical(work, bench, reference_cach
 # ------------------------------------------------------------------------------ concurrent processes, claims
 HOLD_CLAIM = """
 import sys, time
-from model.atomic import output_claim
+from model.utils.atomic import output_claim
 with output_claim(sys.argv[1]) as claimed:
     print("claimed" if claimed else "busy", flush=True)
     time.sleep(600)
@@ -458,7 +458,7 @@ def test_auto_batch_halves_on_out_of_memory(ckpt, caplog):
         pipeline = PromptingPipeline(adapter, PipelineSettings(layer_start=2, layer_end=4, attn_max_batch=batch,
                                                                max_new_tokens=2))
         try:
-            with caplog.at_level(logging.WARNING, logger="model.prompting"):
+            with caplog.at_level(logging.WARNING, logger="model.attention.pipeline"):
                 results[batch] = pipeline.run(frames, "the bed")
         finally:
             pipeline.capture.detach()
@@ -575,10 +575,10 @@ FULL_DISK = """
 import resource, signal, sys
 import numpy as np, torch
 from model.cache import load_cache, save_cache
-from model.errors import DecafError
-from model.keypoints import save_keypoints
-from model.stage2 import write_mask_folder
-from model.atomic import atomic_write_json
+from model.utils.errors import DecafError
+from model.maps.keypoints import save_keypoints
+from model.utils.mask_png import write_mask_folder
+from model.utils.atomic import atomic_write_json
 cache = load_cache(sys.argv[1])
 maps = {"obj_video": cache.obj_video, "obj_frame": cache.obj_frame, "bg_video": cache.bg_video,
         "bg_frame": cache.bg_frame}
@@ -651,7 +651,7 @@ def test_unwritable_output_folder_is_one_line_before_any_job(tmp_path, bench, ck
 def test_ctrl_c_says_what_finished_and_how_to_resume(capsys):
     from types import SimpleNamespace
 
-    from model.run_record import RunRecord
+    from model.utils.run_record import RunRecord
 
     def main(argv):
         record = RunRecord(total=5, description="test", fail_fast=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.errors import DecafError
-from model.rollout import make_rollout
+from model.attention.rollout import make_rollout
+from model.utils.errors import DecafError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from conftest import copy_frames
-from evaluation.rvos_datasets import (DATASETS, DatasetFiles, Job, dataset_files, davis_anno_ids, default_data_root,
-                                 expression_anno_ids, group_by_video, gt_masks, list_jobs, load_mask_dict,
-                                 load_meta, shard_from_env, shard_jobs)
-from model.errors import DecafError
+from evaluation.ground_truth import davis_anno_ids, expression_anno_ids, gt_masks, load_mask_dict
+from model.jobs.benchmarks import (DATASETS, DatasetFiles, Job, dataset_files, default_data_root, group_by_video,
+                                   list_jobs, load_meta, shard_from_env, shard_jobs)
+from model.utils.errors import DecafError
 
 
 def write_meta(path: Path, videos: dict) -> None:

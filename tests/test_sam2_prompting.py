@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-import model.sam2_prompting as prompting
+import model.sam.prompting as prompting
 from conftest import copy_frames
-from model.errors import DecafError
-from model.sam2_prompting import (DecafSAM2Predictor, FeatureCache, Tracklet, ac_scores, candidate_points,
-                                  load_sam2_predictor, nms, resolve_sam2_config, sam2_masks, select_tracklets)
-from model.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.sam.prompting import (DecafSAM2Predictor, FeatureCache, Tracklet, ac_scores, candidate_points,
+                                 load_sam2_predictor, nms, resolve_sam2_config, sam2_masks, select_tracklets)
+from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.utils.errors import DecafError
 
 # without the CUDA-only hole-filling kernel SAM2 warns on every process; the extension status is tested separately
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*Skipping the post-processing step:UserWarning")
@@ -176,7 +176,7 @@ def test_missing_extension_is_reported_once_by_us(predictor, video, caplog) -> N
     else:
         pytest.skip("the sam2 _C extension is installed here")
     prompting.sam2_extension_loaded.cache_clear()
-    with caplog.at_level(logging.INFO, logger="model.sam2_predictor"), \
+    with caplog.at_level(logging.INFO, logger="model.sam.predictor"), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert prompting.sam2_extension_loaded() is False
@@ -434,7 +434,7 @@ def test_bad_batch_size(predictor, video) -> None:
 # ------------------------------------------------------------------------------------------ degenerate
 def test_no_candidate_gives_empty_masks_on_every_frame(predictor, video, features, caplog) -> None:
     phi = torch.zeros(len(KEY_FRAMES), *GRID)
-    with caplog.at_level(logging.WARNING, logger="model.sam2_prompting"):
+    with caplog.at_level(logging.WARNING, logger="model.sam.prompting"):
         for cache in (features, None):
             result = sam2_masks(predictor, phi, video, KEY_FRAMES, features=cache)
             assert result.degenerate == "no candidate point"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from model.paths import data_name
+from model.utils.paths import data_name
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "evaluation" / "scripts"
@@ -448,7 +448,7 @@ def test_helper_resolves_auto_start_from_the_checkpoint(tmp_path):
 
 
 def test_helper_rejects_explicit_save_paths():
-    from model.errors import DecafError
+    from model.utils.errors import DecafError
 
     common = ["--dataset", "davis", "--model_name", "m", "--attn_layer_idx_start", "14"]
     with pytest.raises(DecafError, match="OUTPUT_ROOT"):

@@ -16,11 +16,11 @@ from tqdm import tqdm
 from conftest import REPO, copy_frames, frame_path
 from model.adapters.base import AdapterOptions
 from model.adapters.qwen import QwenVLAdapter, smart_resize
+from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.cache import load_cache
-from model.errors import DecafError
-from model.prompting import PipelineSettings, PromptingPipeline
-from model.run_record import StepCounter
-from model.tiny.qwen import build_tiny_qwen_checkpoint
+from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
+from model.utils.errors import DecafError
+from model.utils.run_record import StepCounter
 
 SMALL = AdapterOptions(attn_max_token=16)  # tiny token budget: 3×5 merged tokens per slot on 540×960 frames
 

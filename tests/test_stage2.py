@@ -21,12 +21,12 @@ from PIL import Image
 
 from conftest import REPO, copy_frames, subprocess_env
 from model.cache import load_cache, save_cache
-from model.coarse_masks import coarse_masks
-from model.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, DecafError, run_cli
-from model.fusion import fuse_cache
-from model.keypoints import extract_keypoints
+from model.maps.coarse_masks import coarse_masks
+from model.maps.fusion import fuse_cache
+from model.maps.keypoints import extract_keypoints
 from model.stage2 import build_mask_parser, keypoint_main, mask_main, resolve_layout, resolve_run_settings
-from model.video import sample_indices
+from model.utils.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, DecafError, run_cli
+from model.utils.video import sample_indices
 
 MODEL = "qwen2-5-vl-7b-rvos"
 N = 4  # --num_input_frames: small clips keep the tiny SAM2 fast; T < F so unsampled frames exist
@@ -122,7 +122,7 @@ def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedP
 # ------------------------------------------------------------------------------------------- SAM2, end to end
 @pytest.fixture(scope="module")
 def tiny_sam2(tmp_path_factory) -> tuple[Path, str, list[str]]:
-    from model.tiny.sam2 import build_tiny_sam2_checkpoint
+    from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
 
     path = tmp_path_factory.mktemp("sam2") / "tiny_sam2.pt"
     config, overrides = build_tiny_sam2_checkpoint(path, image_size=256, seed=0)

@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL checkpoints (model/tiny/qwen.py): they load through the stock Auto classes, render the
+"""Tiny Qwen2-VL / Qwen2.5-VL checkpoints (model/selftest/tiny/qwen.py): they load through the stock Auto classes, render the
 Qwen prompts of SPEC §4.5, give the token grids of SPEC §3.1, run forward and greedy generate (§4.7), and the
 rebuilt real vocabulary tokenizes exactly like Qwen's own tiktoken tokenizer and llama.cpp's Qwen2 references."""
 from __future__ import annotations
@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
-from model.errors import DecafError
-from model.tiny.qwen import FAMILIES, QWEN_SPECIAL_TOKENS, build_tiny_qwen_checkpoint, real_qwen2_tokenizer_json
+from model.selftest.tiny.qwen import (FAMILIES, QWEN_SPECIAL_TOKENS, build_tiny_qwen_checkpoint,
+                                      real_qwen2_tokenizer_json)
+from model.utils.errors import DecafError
 
 MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, copy_frames, subprocess_env
-from model.errors import DecafError
+from model.utils.errors import DecafError
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: what Chromium needs on these machines: no sandbox as root, no GPU, no calls to Google's services
@@ -367,8 +367,8 @@ def test_page_segments_a_video_file_at_its_frame_rate(page, tmp_path):
 
 def test_update_settings_changes_only_per_call_settings(tmp_path):
     from model.api import Segmenter, SegmentSettings
-    from model.tiny.qwen import build_tiny_qwen_checkpoint
-    from model.tiny.sam2 import build_tiny_sam2_checkpoint
+    from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
+    from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
 
     qwen = build_tiny_qwen_checkpoint(tmp_path / "qwen", "qwen2_5_vl", num_layers=2)
     config, overrides = build_tiny_sam2_checkpoint(tmp_path / "sam2.pt", image_size=256)

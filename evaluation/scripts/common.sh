@@ -190,7 +190,7 @@ _decaf_select_steps() {
 }
 
 # torchrun (WORLD_SIZE/RANK) or Slurm (SLURM_NTASKS/SLURM_PROCID) with more than one task, in the same order of
-# precedence as evaluation.rvos_datasets.shard_from_env.
+# precedence as model.jobs.benchmarks.shard_from_env.
 _decaf_detect_launcher() {
     _DECAF_LAUNCHER=""
     _DECAF_RANK=0

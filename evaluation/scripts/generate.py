@@ -327,7 +327,7 @@ def check(directory: Path, files: dict[str, str]) -> list[str]:
 
 
 def write(directory: Path, files: dict[str, str]) -> None:
-    from model.atomic import atomic_write_text
+    from model.utils.atomic import atomic_write_text
 
     for path in stale_scripts(directory, files):
         path.unlink()

@@ -1,7 +1,7 @@
 """Print the folders one run-script pipeline reads and writes, as shell assignments (SPEC §12.2–§12.4).
 
 Used by ``evaluation/scripts/common.sh``, which passes every stage an explicit ``--attn_save_path`` /
-``--vis_save_path`` and every evaluator the matching prediction folder. The names come from ``model.paths``, the
+``--vis_save_path`` and every evaluator the matching prediction folder. The names come from ``model.utils.paths``, the
 same functions the Python stages use for their defaults (stage 1: ``model/stage1.py``; stage 2 and keypoints:
 ``model.stage2.resolve_layout``), so the scripts and the stages cannot drift apart. This helper receives the exact
 argument lists the stages get and reads only the flags that name folders.
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Sequence
 
 from model.cli_args import add_job_args, add_run_folder_args, model_name_of
-from model.errors import DecafError, run_cli
-from model.paths import DEFAULT_THRESHOLD, cache_folder, data_name, output_kind, run_folder
+from model.utils.errors import DecafError, run_cli
+from model.utils.paths import DEFAULT_THRESHOLD, cache_folder, data_name, output_kind, run_folder
 
 STAGE_MARKERS = ("--stage1", "--stage2")
 
@@ -82,7 +82,7 @@ def resolved_start(args: argparse.Namespace) -> int:
         return args.attn_layer_idx_start
     if not args.version:
         raise DecafError("START_LAYER=auto needs VERSION (the checkpoint folder) to read the model depth")
-    from model.adapters.base import layer_count, read_checkpoint_config, resolve_layer_range  # imports torch
+    from model.adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
 
     return resolve_layer_range(layer_count(read_checkpoint_config(args.version)), "auto",
                                args.attn_layer_idx_end)[0]
@@ -90,7 +90,7 @@ def resolved_start(args: argparse.Namespace) -> int:
 
 def check_inputs(steps: Sequence[str], stage1: argparse.Namespace, sam2_ckpt: str | None) -> None:
     """What the selected steps read must exist before any shard starts (SPEC §10.1, §13.2)."""
-    from evaluation.rvos_datasets import list_jobs
+    from model.jobs.benchmarks import list_jobs
 
     if any(step in steps for step in ("attn", "coarse", "sam", "keypoints", "coarse_eval", "sam_eval",
                                       "keypoint_eval")):

@@ -9,10 +9,10 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import DecafError
+from model.utils.errors import DecafError
 
 if TYPE_CHECKING:
-    from .base import MLLMAdapter
+    from model.adapters.base import MLLMAdapter
 
 #: config ``model_type`` → (module in this package, adapter class, its stage-1 script in ``evaluation/``)
 ADAPTERS: dict[str, tuple[str, str, str]] = {
@@ -45,7 +45,7 @@ def adapter_for_model_type(model_type: str | None) -> type[MLLMAdapter]:
 def adapter_for_checkpoint(checkpoint: str | Path) -> type[MLLMAdapter]:
     """The adapter class of a local checkpoint folder, from its ``config.json``; one-line errors for a missing
     folder (naming ``ckpts/README.md``) or an unsupported model."""
-    from .base import read_checkpoint_config
+    from model.adapters.base import read_checkpoint_config
 
     model_type = read_checkpoint_config(checkpoint).get("model_type")
     try:

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import nn
 
-from ..errors import DecafError
+from model.utils.errors import DecafError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import DecafError
-from ..prompts import SYS_INTERNVL
-from ..video import read_frame_size
-from .base import (MLLMAdapter, VisualBatch, expand_placeholder, has_real_qwen2_vocab, load_rgb,
-                   processor_size)
+from model.adapters.base import (MLLMAdapter, VisualBatch, expand_placeholder, has_real_qwen2_vocab, load_rgb,
+                                 processor_size)
+from model.utils.errors import DecafError
+from model.utils.video import read_frame_size
 
 #: paper checkpoints (InternVL3-2B/8B/14B-hf) [ckpt], asserted when the real vocabulary is loaded
 PAPER_CONTEXT_TOKEN_ID = 151667
@@ -48,6 +47,9 @@ def frame_tiling(size_hw: tuple[int, int], tile_hw: tuple[int, int], max_patches
     cols, rows = get_optimal_tiled_canvas(tuple(size_hw), tuple(tile_hw), 1, max_patches)
     return rows, cols
 
+
+#: the system turn this family's reference passes explicitly (SPEC §4.4)
+SYS_INTERNVL = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 class InternVLAdapter(MLLMAdapter):
     """InternVL3-2B/8B/14B-hf (``model_type`` internvl), SPEC §3.3."""

@@ -17,15 +17,16 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import DecafError
-from ..prompts import SYS_QWEN2
-from ..video import read_frame_size
-from .base import (MLLMAdapter, VisualBatch, expand_placeholder, has_real_qwen2_vocab, load_rgb,
-                   processor_size)
+from model.adapters.base import (MLLMAdapter, VisualBatch, expand_placeholder, has_real_qwen2_vocab, load_rgb,
+                                 processor_size)
+from model.utils.errors import DecafError
+from model.utils.video import read_frame_size
 
 #: paper checkpoint (llava-onevision-qwen2-7b-ov-hf) values [ckpt], asserted when the real vocabulary is loaded
 PAPER_TOKEN_IDS = {"<image>": 151646, "<video>": 151647}
 PAPER_TILE, PAPER_FEATURE_SIDE, PAPER_POOLED_SIDE = 384, 27, 14
+#: the system turn this family's reference passes explicitly (SPEC §4.4)
+SYS_QWEN2 = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Sequence
 import torch
 from PIL import Image
 
-from ..errors import DecafError
-from ..video import read_frame_size
-from .base import MLLMAdapter, VisualBatch, load_rgb
+from model.adapters.base import MLLMAdapter, VisualBatch, load_rgb
+from model.utils.errors import DecafError
+from model.utils.video import read_frame_size
 
 #: Qwen2.5-VL's M-RoPE time step per temporal slot: the reference's processor default (fps 2, temporal patch 2)
 SECOND_PER_GRID_T = 1.0

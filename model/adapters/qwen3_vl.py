@@ -36,9 +36,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import DecafError
-from .base import VisualBatch, read_checkpoint_config
-from .qwen import QwenVLAdapter
+from model.adapters.base import VisualBatch, read_checkpoint_config
+from model.adapters.qwen import QwenVLAdapter
+from model.utils.errors import DecafError
 
 #: Frame rate at which the T' frames are presented to the processor (its native sampling rate): slot i at i + 0.25 s
 CLIP_FPS = 2.0

@@ -1,0 +1,3 @@
+from model.selftest.run import main
+
+main()

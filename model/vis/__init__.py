@@ -1,0 +1,1 @@
+"""Pictures a person can look at: overlays, contact sheets and videos of a run's outputs."""
