@@ -9,6 +9,7 @@ import argparse
 from typing import Sequence
 
 from model.cli_args import add_image_processor_arg, add_job_args, add_run_folder_args, batch_arg, positive_int
+from model.adapters import FAMILIES
 from model.settings import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
 from model.utils.paths import DEFAULT_THRESHOLD
 from model.utils.paths import FUSION_MODES
@@ -56,6 +57,10 @@ def build_stage1_parser(description: str, family_flags: Sequence[str]) -> argpar
                        help="compute every call of every expression from scratch instead of prefilling each visual "
                             "input's prefix (vision tower included) once per video (SPEC §5.8f); the maps are the "
                             "same, this is the reference path")
+    group.add_argument("--family", choices=FAMILIES, default=None,
+                       help="the model family the run must be (SPEC §13.2). The family is always read from the "
+                            "checkpoint's config.json, never from its path (SPEC §14 #27); given, a checkpoint of "
+                            "another family stops the run before the model loads")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_image_processor_arg(group)
     for name in family_flags:

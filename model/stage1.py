@@ -82,6 +82,10 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], famil
                          f"{sorted(adapter_class.model_types)}{hint}")
     check_checkpoint_files(args.version)  # weights, processor and tokenizer present: an incomplete download fails now
     family = adapter_class.model_types[model_type]
+    if args.family and args.family != family:  # SPEC §13.2: the run was meant for another family
+        raise DecafError(f"--family {args.family}, but checkpoint {args.version} is a {family} model by its "
+                         f"config.json (model_type {model_type!r}); drop --family or point --version at a "
+                         f"{args.family} checkpoint")
     num_layers = layer_count(config)
     start, end = resolve_layer_range(num_layers, args.attn_layer_idx_start, args.attn_layer_idx_end)
     versions = (args.prompt_obj_ver, args.prompt_bg_ver, args.prompt_obj_cnt_ver)

@@ -324,6 +324,10 @@ def test_script_bad_inputs(tmp_path, qwen25):
     (broken / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
     result = run_script(*base, "--version", str(broken), cwd=tmp_path)
     assert result.returncode == 2 and "llava_onevision" in result.stderr
+    # --family states the family (SPEC §13.2): a checkpoint of another one stops the run before the model loads
+    result = run_script(*base, "--version", str(qwen25), "--family", "qwen2_vl", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--family qwen2_vl, but checkpoint" in result.stderr and "qwen2_5_vl" in result.stderr
     # unreadable frame: the job fails with a message naming the file, no cache file is written
     frame = data / "davis17/valid/JPEGImages/bedroom/00001.jpg"
     frame.write_bytes(frame.read_bytes()[:200])

@@ -14,15 +14,19 @@ from model.utils.errors import DecafError
 if TYPE_CHECKING:
     from model.adapters.base import MLLMAdapter
 
-#: config ``model_type`` → (module in this package, adapter class, its stage-1 script in ``evaluation/``)
-ADAPTERS: dict[str, tuple[str, str, str]] = {
-    "qwen2_vl": ("qwen", "QwenVLAdapter", "inference_attn_map_qwenvl.py"),
-    "qwen2_5_vl": ("qwen", "QwenVLAdapter", "inference_attn_map_qwenvl.py"),
-    "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter", "inference_attn_map_qwen3vl.py"),
-    "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLAdapter", "inference_attn_map_qwen3vl.py"),
-    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter", "inference_attn_map_llavaov.py"),
-    "internvl": ("internvl", "InternVLAdapter", "inference_attn_map_internvl.py"),
+#: config ``model_type`` → (module in this package, adapter class, its stage-1 script in ``evaluation/``, the family
+#: name recorded in caches). The class declares the same model_type → family map (``model_types``), checked on import.
+ADAPTERS: dict[str, tuple[str, str, str, str]] = {
+    "qwen2_vl": ("qwen", "QwenVLAdapter", "inference_attn_map_qwenvl.py", "qwen2_vl"),
+    "qwen2_5_vl": ("qwen", "QwenVLAdapter", "inference_attn_map_qwenvl.py", "qwen2_5_vl"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter", "inference_attn_map_qwen3vl.py", "qwen3_vl"),
+    "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLAdapter", "inference_attn_map_qwen3vl.py", "qwen3_vl"),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter", "inference_attn_map_llavaov.py",
+                        "llava_onevision"),
+    "internvl": ("internvl", "InternVLAdapter", "inference_attn_map_internvl.py", "internvl"),
 }
+#: every family name a cache may record (SPEC §12.2) and ``--family`` accepts (SPEC §13.2)
+FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(row[3] for row in ADAPTERS.values()))
 
 
 def extraction_script(model_type: str | None) -> str | None:
@@ -35,10 +39,10 @@ def adapter_for_model_type(model_type: str | None) -> type[MLLMAdapter]:
     if model_type not in ADAPTERS:
         raise DecafError(f"no DecAF adapter supports model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(ADAPTERS))}")
-    module_name, class_name, _ = ADAPTERS[model_type]
+    module_name, class_name, _, family = ADAPTERS[model_type]
     adapter_class = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
-    if model_type not in adapter_class.model_types:  # the table and the class must agree
-        raise RuntimeError(f"{class_name} does not declare model_type {model_type!r}")
+    if adapter_class.model_types.get(model_type) != family:  # the table and the class must agree
+        raise RuntimeError(f"{class_name} does not map model_type {model_type!r} to family {family!r}")
     return adapter_class
 
 
