@@ -124,14 +124,14 @@ class Timers:
 
 def run_video(predictor, phis, frames, keys, batch_size: int, cached: bool, device: torch.device):
     """All expressions of the video in one mode; returns per-expression rows and their masks."""
-    features = FeatureCache(predictor, frames, offload_to_cpu=True) if cached else None
+    predictor.reset_video()  # every repeat starts without features, as a new video does
     rows, masks = [], []
     for phi in phis:
         steps_before = predictor.tracking_steps
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        result = sam2_masks(predictor, phi, frames, keys, features=features, batch_size=batch_size)
+        result = sam2_masks(predictor, phi, frames, keys, cached_features=cached, batch_size=batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         rows.append({"seconds": time.perf_counter() - start, "encoder_calls": result.encoder_calls,

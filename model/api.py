@@ -37,7 +37,7 @@ from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.cli_args import default_device
 from model.maps.coarse_masks import coarse_masks
 from model.maps.fusion import fuse_maps
-from model.sam.prompting import (Candidate, FeatureCache, candidate_points, load_sam2_predictor, resolve_sam2_config,
+from model.sam.prompting import (Candidate, candidate_points, load_sam2_predictor, resolve_sam2_config,
                                  sam2_masks)
 from model.selftest.tiny.preset import (DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS,
                                         ensure_tiny_checkpoints, tiny_layout)
@@ -241,13 +241,12 @@ class Segmenter:
         with self._stage(f"loading SAM2 {vision_pretrained_config} on {self.device}"):
             self.predictor = load_sam2_predictor(vision_pretrained_config, vision_pretrained, self.device,
                                                  hydra_overrides=tuple(sam2_overrides))
-        self._features: FeatureCache | None = None  # image features of the last video, reused for its next call
 
     # ----- lifecycle -----------------------------------------------------------------------------------------
     def close(self) -> None:
         """Remove the attention-capture hooks and drop the cached SAM2 features."""
         self.pipeline.capture.detach()
-        self._features = None
+        self.predictor.reset_video()
 
     def __enter__(self) -> Segmenter:
         return self
@@ -295,15 +294,6 @@ class Segmenter:
         """MLLM forward/generate calls of one expression (SPEC §1.2), for the progress bar."""
         return self.pipeline.pass_count(num_frames)
 
-    def _features_for(self, source: VideoSource) -> FeatureCache:
-        """The SAM2 feature cache of a video (SPEC §8.10). A frame folder's is kept for its next expression; a
-        decoded video file's frames are temporary, so its features are not kept."""
-        if self._features is not None and self._features.frame_paths == source.frames:
-            return self._features
-        features = FeatureCache(self.predictor, source.frames, offload_to_cpu=True)
-        self._features = None if source.is_file else features
-        return features
-
     # ----- one expression ------------------------------------------------------------------------------------
     def segment(self, video: str | os.PathLike | VideoSource, expression: str) -> SegmentResult:
         """Segment ``expression`` in ``video`` (a frame folder, a video file or an opened :class:`VideoSource`).
@@ -349,8 +339,10 @@ class Segmenter:
 
         with self._stage(f"SAM2 on {len(frames)} frames", timings, "sam2"):
             sam = sam2_masks(self.predictor, phi, frames, keys, point_threshold=s.point_threshold,
-                             final_score_threshold=s.final_score_threshold, features=self._features_for(source),
+                             final_score_threshold=s.final_score_threshold,
                              batch_size=s.sam2_batch, progress=self.progress)
+            if source.is_file:  # a decoded file's frames are temporary: keep only a frame folder's features
+                self.predictor.reset_video()
         if sam.degenerate:
             degenerate.append(f"{sam.degenerate}: the SAM2 masks are empty (SPEC §8.9)")
         elif not sam.masks.any():

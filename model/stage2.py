@@ -203,12 +203,11 @@ def load_job_cache(cache_path: str | Path, video: VideoFrames, settings: RunSett
 
 def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettings, *,
                  attn_mask_dir: str | Path | None = None, sam_mask_dir: str | Path | None = None,
-                 sam: SamPrompting | None = None, features: Any | None = None,
-                 job: Job | None = None) -> JobOutcome:
+                 sam: SamPrompting | None = None, job: Job | None = None) -> JobOutcome:
     """Stage 2 on one job: Φ from the cache (§6), then coarse masks (§7) and/or SAM2 masks (§8).
 
     ``attn_mask_dir`` / ``sam_mask_dir`` are the expression folders to write (None skips that kind); each is
-    written atomically. ``features`` is the video's :class:`model.sam.prompting.FeatureCache` (optional).
+    written atomically. SAM2 reuses the image features its predictor holds for this video (SPEC §8.10).
     """
     if sam_mask_dir is not None and sam is None:
         raise ValueError("SAM masks need a loaded predictor (sam=SamPrompting(...))")
@@ -228,7 +227,7 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
         from model.sam.prompting import sam2_masks
 
         result = sam2_masks(sam.predictor, phi, video.frames, keys, point_threshold=sam.point_threshold,
-                            final_score_threshold=sam.final_score_threshold, features=features,
+                            final_score_threshold=sam.final_score_threshold,
                             batch_size=sam.batch_size, progress=sam.progress)
         expected_shape = (len(video.frames), *video.frame0_size)
         if tuple(result.masks.shape) != expected_shape:
@@ -363,11 +362,8 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
         return
     try:
         video = VideoFrames.read(group[0].frames_dir, settings.num_input_frames, frames)
-        features = None
         if any(SAM_MASK in missing for _, missing in todo):
-            from model.sam.prompting import FeatureCache
-
-            features = FeatureCache(sam.predictor, video.frames, offload_to_cpu=True)
+            sam.predictor.set_video(video.frames)  # the expressions of this video share its image features
     except Exception as exc:
         for job, _ in todo:
             record.fail(job, exc)
@@ -390,7 +386,7 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
                     continue
                 outcome = run_mask_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
                                        attn_mask_dir=todo_kinds.get(ATTN_MASK), sam_mask_dir=todo_kinds.get(SAM_MASK),
-                                       sam=sam, features=features, job=job)
+                                       sam=sam, job=job)
         except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
             record.fail(job, exc)
         else:

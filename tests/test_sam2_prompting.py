@@ -85,7 +85,7 @@ def video(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def features(predictor, video) -> FeatureCache:
     """One cache for the whole module, as stage 2 keeps one per video."""
-    return FeatureCache(predictor, video)
+    return predictor.set_video(video)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -262,9 +262,9 @@ def test_feature_cache_gives_identical_masks_and_encodes_each_frame_once(predict
                                                                          capfd) -> None:
     phi = fused_map(HOT_CELLS)
     capfd.readouterr()
-    cached = sam2_masks(predictor, phi, video, KEY_FRAMES, features=features)
+    cached = sam2_masks(predictor, phi, video, KEY_FRAMES)
     assert "propagate" not in capfd.readouterr().err  # B4
-    uncached = sam2_masks(predictor, phi, video, KEY_FRAMES)
+    uncached = sam2_masks(predictor, phi, video, KEY_FRAMES, cached_features=False)
     assert np.array_equal(cached.masks, uncached.masks)
     assert (cached.selected, cached.num_tracklets, cached.num_candidates) == \
            (uncached.selected, uncached.num_tracklets, uncached.num_candidates)
@@ -275,7 +275,7 @@ def test_feature_cache_gives_identical_masks_and_encodes_each_frame_once(predict
     assert set(np.unique(cached.masks)) <= {0, 255} and (cached.masks > 0).any(axis=(1, 2)).all()
 
     # a second expression of the same video encodes nothing new; each frame was encoded once in all
-    other = sam2_masks(predictor, fused_map(OTHER_HOT_CELLS), video, KEY_FRAMES, features=features)
+    other = sam2_masks(predictor, fused_map(OTHER_HOT_CELLS), video, KEY_FRAMES)
     assert other.encoder_calls == 0
     assert cached.encoder_calls == features.encoder_calls == len(video)
     assert uncached.encoder_calls > len(video)
@@ -351,7 +351,7 @@ def test_per_object_sessions_equal_shared_sessions(predictor, video, features) -
     assert [(tr.score, tr.frame) for tr in ours] == [(tr.score, tr.frame) for tr in tracklets]
     assert all(torch.equal(a.masks, b.masks) for a, b in zip(ours, tracklets))
 
-    result = sam2_masks(predictor, phi, video, KEY_FRAMES, final_score_threshold=0.0, features=features)
+    result = sam2_masks(predictor, phi, video, KEY_FRAMES, final_score_threshold=0.0)
     assert result.selected == selected == list(range(len(tracklets)))
     assert np.array_equal(result.masks, masks)
 
@@ -418,7 +418,7 @@ def test_batched_objects_equal_per_object_up_to_rounding(predictor, video, featu
     assert max(frames_of.count(t) for t in set(frames_of)) >= 2 and len({KEY_FRAMES[t] for t in frames_of}) >= 2
     assert [tracklet.frame for tracklet in together] == frames_of
     np.testing.assert_allclose([tr.score for tr in together], [tr.score for tr in per_object], rtol=0, atol=1e-5)
-    results = {size: sam2_masks(predictor, phi, video, KEY_FRAMES, final_score_threshold=0.0, features=features,
+    results = {size: sam2_masks(predictor, phi, video, KEY_FRAMES, final_score_threshold=0.0,
                                 batch_size=size) for size in (1, 2, 16)}
     for size in (2, 16):
         assert results[size].selected == results[1].selected == list(range(len(per_object)))
@@ -428,15 +428,15 @@ def test_batched_objects_equal_per_object_up_to_rounding(predictor, video, featu
 
 def test_bad_batch_size(predictor, video) -> None:
     with pytest.raises(DecafError, match="batch size"):
-        sam2_masks(predictor, fused_map(HOT_CELLS), video, KEY_FRAMES, batch_size=0)
+        sam2_masks(predictor, fused_map(HOT_CELLS), video, KEY_FRAMES, batch_size=0, cached_features=False)
 
 
 # ------------------------------------------------------------------------------------------ degenerate
 def test_no_candidate_gives_empty_masks_on_every_frame(predictor, video, features, caplog) -> None:
     phi = torch.zeros(len(KEY_FRAMES), *GRID)
     with caplog.at_level(logging.WARNING, logger="model.sam.prompting"):
-        for cache in (features, None):
-            result = sam2_masks(predictor, phi, video, KEY_FRAMES, features=cache)
+        for cached in (True, False):
+            result = sam2_masks(predictor, phi, video, KEY_FRAMES, cached_features=cached)
             assert result.degenerate == "no candidate point"
             assert result.masks.shape == (8, 540, 960) and not result.masks.any()
             assert (result.num_candidates, result.num_tracklets, result.selected, result.encoder_calls) == (0, 0, [], 0)
@@ -446,8 +446,9 @@ def test_no_candidate_gives_empty_masks_on_every_frame(predictor, video, feature
 def test_single_sampled_frame(predictor, video) -> None:
     frames = video[:3]
     phi = fused_map([(0, 4, 7, 1.0), (0, 4, 8, 0.9)], frames=1)
-    cached = sam2_masks(predictor, phi, frames, [0], features=FeatureCache(predictor, frames))
-    uncached = sam2_masks(predictor, phi, frames, [0])
+    cached = sam2_masks(predictor, phi, frames, [0])
+    uncached = sam2_masks(predictor, phi, frames, [0], cached_features=False)
+    assert predictor.video_features.frame_paths == frames  # another frame list became the current video
     assert np.array_equal(cached.masks, uncached.masks)
     assert cached.masks.shape == (3, 540, 960) and cached.num_tracklets >= 1 and cached.selected
     assert cached.encoder_calls == 3
@@ -455,9 +456,9 @@ def test_single_sampled_frame(predictor, video) -> None:
 
 def test_bad_job_inputs(predictor, video) -> None:
     with pytest.raises(DecafError, match="outside the 8 frames"):
-        sam2_masks(predictor, fused_map(HOT_CELLS), video, [0, 2, 5, 8])
+        sam2_masks(predictor, fused_map(HOT_CELLS), video, [0, 2, 5, 8], cached_features=False)
     with pytest.raises(ValueError, match="fp32"):
-        sam2_masks(predictor, fused_map(HOT_CELLS).double(), video, KEY_FRAMES)
+        sam2_masks(predictor, fused_map(HOT_CELLS).double(), video, KEY_FRAMES, cached_features=False)
 
 
 @pytest.mark.slow
@@ -469,7 +470,7 @@ def test_full_resolution_model_end_to_end(tmp_path, video) -> None:
     assert full.image_size == 1024
     frames = video[:2]
     phi = fused_map([(0, 4, 7, 1.0), (1, 2, 2, 0.3)], frames=2)
-    result = sam2_masks(full, phi, frames, [0, 1], features=FeatureCache(full, frames))
+    result = sam2_masks(full, phi, frames, [0, 1])
     assert result.masks.shape == (2, 540, 960) and set(np.unique(result.masks)) <= {0, 255}
     assert (result.num_candidates, result.num_tracklets, result.selected) == (1, 1, [0])
     assert result.encoder_calls == 2 and result.degenerate is None

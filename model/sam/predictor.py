@@ -265,6 +265,26 @@ class DecafSAM2Predictor(SAM2VideoPredictor):
         #: frames processed by :meth:`track_masks`, each one step for a whole batch of objects (benchmarks)
         self.tracking_steps = 0
         self._captured_ious: list[torch.Tensor] | None = None
+        #: image features of the current video (:meth:`set_video`), as segment-anything's predictor keeps the
+        #: embedding of its current image: every session and expression of the video reuses them
+        self.video_features: FeatureCache | None = None
+
+    # ---- the current video's image features (§8.10) -----------------------------------------------------------
+
+    def set_video(self, frame_paths: Sequence[str | Path], offload_to_cpu: bool = True) -> FeatureCache:
+        """Make ``frame_paths`` (all F frames, in order) the current video and return its feature cache.
+
+        The features of the same frame list are kept, so the expressions of a video encode each frame at most
+        once; another list replaces them (one video's features are held at a time).
+        """
+        paths = [Path(path) for path in frame_paths]
+        if self.video_features is None or self.video_features.frame_paths != paths:
+            self.video_features = FeatureCache(self, paths, offload_to_cpu=offload_to_cpu)
+        return self.video_features
+
+    def reset_video(self) -> None:
+        """Drop the current video's features (e.g. the temporary frames of a decoded video file)."""
+        self.video_features = None
 
     def forward_image(self, img_batch: torch.Tensor) -> dict[str, Any]:
         self.encoder_calls += int(img_batch.shape[0])

@@ -314,8 +314,7 @@ def _phase2_union(predictor: DecafSAM2Predictor, session: dict[str, Any], prompt
     return union.numpy().astype(np.uint8) * np.uint8(255)
 
 
-def _check_job(phi: torch.Tensor, frame_paths: list[Path], key_frame_indices: Sequence[int],
-               features: FeatureCache | None) -> None:
+def _check_job(phi: torch.Tensor, frame_paths: list[Path], key_frame_indices: Sequence[int]) -> None:
     _check_phi(phi)
     if not frame_paths:
         raise DecafError("SAM2 prompting needs the frames of the video, got none")
@@ -325,20 +324,19 @@ def _check_job(phi: torch.Tensor, frame_paths: list[Path], key_frame_indices: Se
     if bad:
         raise DecafError(f"key-frame index {bad[0]} is outside the {len(frame_paths)} frames of "
                          f"{frame_paths[0].parent}; the attention cache does not match this video")
-    if features is not None and features.frame_paths != frame_paths:
-        raise ValueError("the feature cache was built for other frames than the ones given")
 
 
 def sam2_masks(predictor: DecafSAM2Predictor, phi: torch.Tensor, frame_paths: list[Path],
                key_frame_indices: list[int], *, point_threshold: float = 0.8, final_score_threshold: float = 0.8,
-               features: FeatureCache | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+               cached_features: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                progress: bool = False) -> SamPromptResult:
     """Dense masks of one expression on every frame of its video, SPEC §8.
 
     ``phi`` is the fused map (T, h_f, w_f), fp32 in [0, 1]; ``frame_paths`` are all F frames of the video in
-    order; ``key_frame_indices`` the T sampled indices k_t. With ``features`` (one :class:`FeatureCache` per video)
-    encoder outputs are reused across phases and expressions; without it every session encodes its frames as
-    the stock predictor does. Both give identical masks (T3). ``batch_size`` objects (candidate points, kept
+    order; ``key_frame_indices`` the T sampled indices k_t. With ``cached_features`` the frames become the
+    predictor's current video (:meth:`DecafSAM2Predictor.set_video`), so encoder outputs are reused across phases
+    and across the expressions of a video; without, every session encodes its frames as the stock predictor does
+    (the reference computation). Both give identical masks (T3). ``batch_size`` objects (candidate points, kept
     masks, a group's prompts) run through SAM2 together; 1 is the per-object computation. ``progress`` shows a
     transient bar per phase. Without any candidate point the masks are all zero, with a warning and
     ``degenerate`` set (§8.9).
@@ -347,8 +345,9 @@ def sam2_masks(predictor: DecafSAM2Predictor, phi: torch.Tensor, frame_paths: li
         raise DecafError(f"the SAM2 batch size must be a positive integer, got {batch_size}")
     frame_paths = [Path(path) for path in frame_paths]
     key_frame_indices = [int(index) for index in key_frame_indices]
-    _check_job(phi, frame_paths, key_frame_indices, features)
+    _check_job(phi, frame_paths, key_frame_indices)
     phi = phi.detach().cpu()
+    features = predictor.set_video(frame_paths) if cached_features else None
     video_size = features.video_size if features is not None else check_frame_sizes(frame_paths)
     candidates = candidate_points(phi, point_threshold)
     num_candidates = sum(len(frame_candidates) for frame_candidates in candidates)
