@@ -195,7 +195,8 @@ def test_shards_cover_every_job_once_with_finished_jobs(subset_num):
         # each shard sees a different "finished" state: membership must not depend on it (SPEC §14 #30)
         finished = finished_before if idx % 2 else finished_later
         shard = shard_jobs(jobs, subset_num, idx)
-        assert shard == [j for k, j in enumerate(jobs) if k % subset_num == idx]
+        # the unit is the video (SPEC §10.9): _jobs puts 3 expressions on each video v0, v1, …
+        assert shard == [j for k, j in enumerate(jobs) if (k // 3) % subset_num == idx]
         todo += [j.job_id for j in shard if j.job_id not in finished]
     covered = [j.job_id for idx in range(subset_num) for j in shard_jobs(jobs, subset_num, idx)]
     assert sorted(covered) == sorted(j.job_id for j in jobs) and len(covered) == len(set(covered))

@@ -201,16 +201,22 @@ def list_jobs(dataset: str, data_root: str | Path | None = None, testset: bool =
 
 
 def shard_jobs(jobs: list[Job], subset_num: int, subset_idx: int) -> list[Job]:
-    """The jobs with ``index % subset_num == subset_idx`` over the FULL list (SPEC §10.9, §14 #30).
+    """The jobs of shard ``subset_idx``: video i of the FULL list goes to shard ``i % subset_num`` with all its
+    expressions (SPEC §10.9, §14 #30), so a video's per-video work (its visual prefixes, §5.8f; its SAM2 features,
+    §8.10) is done by one process.
 
-    Finished jobs must be skipped only after sharding, so that every shard sees the same list.
+    Videos are numbered in the order they first appear in ``jobs`` (meta order). Finished jobs must be skipped only
+    after sharding, so that every shard sees the same list.
     """
     if not isinstance(subset_num, int) or subset_num < 1:
         raise DecafError(f"--subset_num must be a positive integer, got {subset_num!r}")
     if not isinstance(subset_idx, int) or not 0 <= subset_idx < subset_num:
         raise DecafError(f"--subset_idx must be in [0, {subset_num - 1}] for --subset_num {subset_num}, "
                          f"got {subset_idx!r}")
-    return [job for index, job in enumerate(jobs) if index % subset_num == subset_idx]
+    video_index: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        video_index.setdefault((job.dataset, job.video_key), len(video_index))
+    return [job for job in jobs if video_index[(job.dataset, job.video_key)] % subset_num == subset_idx]
 
 
 def _env_int(name: str) -> int | None:
