@@ -58,7 +58,8 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data_root", default=None,
                        help="root of all benchmarks (default: $DECAF_DATA_ROOT or datasets/RVOSJoint)")
     group.add_argument("--subset_num", type=int, default=1,
-                       help="number of shards the job list is split into (video i of the full job list goes to shard i %% subset_num with all its expressions); "
+                       help="number of shards the job list is split into (video i of the full job list goes to shard "
+                            "i %% subset_num, with all its expressions); "
                             "taken from torchrun/Slurm (WORLD_SIZE/RANK, SLURM_NTASKS/SLURM_PROCID) when left at 1")
     group.add_argument("--subset_idx", type=int, default=0, help="which shard this process runs (0-based)")
     group.add_argument("--overwrite", action="store_true",
