@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,9 +26,68 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 OBJECT_MAPS = ("obj_video", "obj_frame")
 BACKGROUND_MAPS = ("bg_video", "bg_frame")
 
-#: metadata entries that must agree before an existing cache is reused (§12.2)
-MATCHED_SETTINGS = ("family", "checkpoint", "num_layers", "layer_start", "layer_end", "num_input_frames",
-                    "prompt_versions")
+
+
+def _key(doc: str, *, matched: bool = False, default: Any = None) -> Any:
+    """A metadata key with its documentation; ``matched`` keys must agree before a cache is reused (§12.2)."""
+    return field(default=default, metadata={"doc": doc, "matched": matched})
+
+
+def _required(doc: str, *, matched: bool = False) -> Any:
+    return field(metadata={"doc": doc, "matched": matched})
+
+
+@dataclass(kw_only=True)
+class CacheMeta:
+    """The JSON record of one cache file (SPEC §12.2): how its maps were made and for which job.
+
+    Stage 1 writes it (:func:`save_cache`), stage 2 and the keypoint branch read it back
+    (:attr:`AttentionCache.record`), and both compare its matched keys with the run's own (:func:`expected_meta`,
+    :func:`setting_mismatches`). The field order is the key order of the file; the five keys without a default are
+    the ones every loader needs. Keys a newer DecAF adds are ignored on reading.
+    """
+
+    family: str = _required("MLLM family (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision, internvl); stage 2 "
+                            "takes it from here, never from a path (§14 #27)", matched=True)
+    checkpoint: str | None = _key("the --version checkpoint folder, as given", matched=True)
+    checkpoint_revision: str | None = _key("the checkpoint's commit hash when known, else null")
+    num_layers: int | None = _key("LLM depth read from the checkpoint's config.json", matched=True)
+    layer_start: int | None = _key("first rolled-out layer, resolved (§5.1)", matched=True)
+    layer_end: int | None = _key("end of the rolled-out layers, resolved and exclusive (§5.1)", matched=True)
+    num_input_frames: int = _required("N, the frames sampled per video (§2.3)", matched=True)
+    frames_count: int = _required("F, the frames of the video folder when stage 1 ran (§2.2)")
+    key_frame_indices: list[int] = _required("the T sampled frame indices: strictly increasing, from 0, below F "
+                                             "(§2.3)")
+    frame0_size: list[int] = _required("[H₀, W₀] of frame 0 (§2.4)")
+    video_grid: list[int] | None = _key("[t_v, h_v, w_v] of the video maps")
+    frame_grid: list[int] | None = _key("[T, h_f, w_f] of the frame maps")
+    tiling: list[int] | None = _key("[rows, cols] of the InternVL tiling, null for other families (§3.3)")
+    prompt_versions: dict[str, int] | None = _key("{obj, bg, choice}: the prompt versions of §4", matched=True)
+    prompts: dict[str, str | None] | None = _key("the filled prompt texts {obj, choice, bg}; bg null when the "
+                                                 "background passes were skipped (§4)")
+    texts: dict[str, Any] | None = _key("decoded answers: obj_cls_video, obj_cls_frame (T), obj_name, "
+                                        "bg_caption_video and bg_caption_frame (null unless decoded)")
+    settings: dict[str, Any] | None = _key("resolution, precision and rollout settings; the MATCHED_RESOLUTION "
+                                           "entries must agree as well (§3.1)")
+    versions: dict[str, str] | None = _key("library versions: decaf, torch, transformers")
+    dataset: str | None = _key("benchmark of the job (§10.1)")
+    video_key: str | None = _key("video key of the job in the meta file")
+    exp_id: str | None = _key("expression id of the job")
+    expression: str | None = _key("the raw expression text")
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON object stored in the file: ``format_version`` first, then every key in field order."""
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CacheMeta:
+        """Read a stored record; keys this version does not know (and ``format_version``) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+
+#: metadata entries that must agree before an existing cache is reused (§12.2), in field order
+MATCHED_SETTINGS = tuple(f.name for f in fields(CacheMeta) if f.metadata["matched"])
 #: entries inside ``settings`` that must agree as well: the resolution flags, the image-processor backend and the
 #: M-RoPE rule of video passes (§3.1; a cache made before a setting was recorded lacks it, so it counts as made with
 #: other settings)
@@ -46,6 +105,11 @@ class AttentionCache:
     bg_video: torch.Tensor | None
     bg_frame: torch.Tensor | None
     meta: dict[str, Any]
+
+    @property
+    def record(self) -> CacheMeta:
+        """The metadata as a :class:`CacheMeta`."""
+        return CacheMeta.from_record(self.meta)
 
     @property
     def family(self) -> str:
@@ -69,10 +133,14 @@ class AttentionCache:
         return self.bg_video is not None
 
 
-def save_cache(path: str | os.PathLike, maps: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write the maps (fp32, contiguous) and ``meta`` atomically; the result is validated before the rename."""
+def save_cache(path: str | os.PathLike, maps: Mapping[str, torch.Tensor],
+               meta: CacheMeta | Mapping[str, Any]) -> Path:
+    """Write the maps (fp32, contiguous) and ``meta`` atomically; the result is validated before the rename.
+
+    ``meta`` is normally a :class:`CacheMeta`; a plain mapping is stored as given (tests write foreign records).
+    """
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in maps.items()}
-    record = {"format_version": FORMAT_VERSION, **meta}
+    record = meta.to_record() if isinstance(meta, CacheMeta) else {"format_version": FORMAT_VERSION, **meta}
     metadata = {METADATA_KEY: json.dumps(record, ensure_ascii=False)}
 
     # serialised in memory and written by Python, so a full disk raises an OSError that names the file
@@ -143,6 +211,20 @@ def load_cache(path: str | os.PathLike) -> AttentionCache:
         raise _fail(path, f"key_frame_indices must start at 0, increase strictly and lie below {frames_count}")
     return AttentionCache(path=path, obj_video=tensors["obj_video"], obj_frame=tensors["obj_frame"],
                           bg_video=tensors.get("bg_video"), bg_frame=tensors.get("bg_frame"), meta=meta)
+
+
+def expected_meta(*, num_input_frames: int, layer_start: int, layer_end: int,
+                  prompt_versions: tuple[int, int, int], family: str | None = None, checkpoint: str | None = None,
+                  num_layers: int | None = None, resolution: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The matched keys a run requires of a cache (§12.2), shaped like the record; keys left None are not checked
+    (stage 2 knows neither the family nor the checkpoint, and the depth only when it read the config)."""
+    obj, bg, choice = prompt_versions
+    wanted: dict[str, Any] = {"family": family, "checkpoint": checkpoint, "num_layers": num_layers,
+                              "layer_start": layer_start, "layer_end": layer_end,
+                              "num_input_frames": num_input_frames,
+                              "prompt_versions": {"obj": obj, "bg": bg, "choice": choice},
+                              "settings": dict(resolution) if resolution is not None else None}
+    return {key: value for key, value in wanted.items() if value is not None}
 
 
 def setting_mismatches(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:

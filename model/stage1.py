@@ -21,7 +21,7 @@ from model.adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_f
                                  layer_count, read_checkpoint_config, resolve_layer_range)
 from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.attention.prompts import is_empty_expression
-from model.cache import load_cache, save_cache, setting_mismatches
+from model.cache import CacheMeta, expected_meta, load_cache, save_cache, setting_mismatches
 from model.cli_args import default_device, model_name_of
 from model.parsers import FAMILY_FLAGS, build_stage1_parser
 from model.utils.atomic import check_writable_folder, library_versions, output_claim
@@ -31,21 +31,6 @@ from model.utils.run_record import RunRecord, StepCounter
 from model.utils.video import check_frame_sizes, list_frames, sample_indices, verify_decodable
 
 log = logging.getLogger("decaf.stage1")
-
-def expected_meta(args: argparse.Namespace, family: str, num_layers: int, start: int, end: int,
-                  adapter_settings: dict[str, Any]) -> dict[str, Any]:
-    """The recorded settings a reusable cache must match (SPEC §12.2)."""
-    return {
-        "family": family,
-        "checkpoint": args.version,
-        "num_layers": num_layers,
-        "layer_start": start,
-        "layer_end": end,
-        "num_input_frames": args.num_input_frames,
-        "prompt_versions": {"obj": args.prompt_obj_ver, "bg": args.prompt_bg_ver, "choice": args.prompt_obj_cnt_ver},
-        "settings": adapter_settings,
-    }
-
 
 def finished(path: Path, expected: dict[str, Any], overwrite: bool) -> bool:
     """True if ``path`` is a valid cache made with the expected settings; raise if it conflicts (§12.2)."""
@@ -102,7 +87,9 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], famil
     subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)
     skipped: list[tuple[str, str]] = []
     jobs = shard_jobs(list_jobs(args.dataset, args.data_root, args.testset, skipped=skipped), subset_num, subset_idx)
-    expected = expected_meta(args, family, num_layers, start, end, resolution)
+    expected = expected_meta(family=family, checkpoint=args.version, num_layers=num_layers, layer_start=start,
+                             layer_end=end, num_input_frames=args.num_input_frames, prompt_versions=versions,
+                             resolution=resolution)
     pending, finished_before, unusable = [], 0, []
     for job in jobs:
         path = folder / cache_file_name(job.vid_name, job.exp_id)
@@ -192,30 +179,17 @@ def run_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Na
         verify_decodable(frame)
     result = pipeline.run(sampled, job.expression, allow_empty=True)  # a benchmark scores every expression
     adapter, settings = pipeline.adapter, pipeline.settings
-    meta = {
-        "family": adapter.family,
-        "checkpoint": args.version,
-        "checkpoint_revision": adapter.revision,
-        "num_layers": num_layers,
-        "layer_start": settings.layer_start,
-        "layer_end": settings.layer_end,
-        "num_input_frames": args.num_input_frames,
-        "frames_count": len(frames),
-        "key_frame_indices": indices,
-        "frame0_size": list(frame0_size),
-        "video_grid": list(result.video_grid),
-        "frame_grid": list(result.frame_grid),
-        "tiling": list(result.tiling) if result.tiling else None,
-        "prompt_versions": {"obj": settings.obj_version, "bg": settings.bg_version, "choice": settings.choice_version},
-        "prompts": result.prompts,
-        "texts": result.texts,
-        "settings": {**adapter.settings(), "attn_max_batch": settings.attn_max_batch,
-                     "rollout_impl": settings.rollout_impl, "rollout_dtype": args.rollout_dtype,
-                     "max_new_tokens": settings.max_new_tokens},
-        "versions": {k: v for k, v in library_versions().items() if k in ("decaf", "torch", "transformers")},
-        "dataset": job.dataset,
-        "video_key": job.video_key,
-        "exp_id": job.exp_id,
-        "expression": job.expression,
-    }
+    meta = CacheMeta(
+        family=adapter.family, checkpoint=args.version, checkpoint_revision=adapter.revision, num_layers=num_layers,
+        layer_start=settings.layer_start, layer_end=settings.layer_end, num_input_frames=args.num_input_frames,
+        frames_count=len(frames), key_frame_indices=indices, frame0_size=list(frame0_size),
+        video_grid=list(result.video_grid), frame_grid=list(result.frame_grid),
+        tiling=list(result.tiling) if result.tiling else None,
+        prompt_versions={"obj": settings.obj_version, "bg": settings.bg_version, "choice": settings.choice_version},
+        prompts=result.prompts, texts=result.texts,
+        settings={**adapter.settings(), "attn_max_batch": settings.attn_max_batch,
+                  "rollout_impl": settings.rollout_impl, "rollout_dtype": args.rollout_dtype,
+                  "max_new_tokens": settings.max_new_tokens},
+        versions={k: v for k, v in library_versions().items() if k in ("decaf", "torch", "transformers")},
+        dataset=job.dataset, video_key=job.video_key, exp_id=job.exp_id, expression=job.expression)
     return save_cache(path, result.maps, meta)

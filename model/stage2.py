@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
-from model.cache import AttentionCache, check_against_frames, load_cache, setting_mismatches
+from model.cache import AttentionCache, check_against_frames, expected_meta, load_cache, setting_mismatches
 from model.cli_args import default_device, model_name_of
 from model.jobs.benchmarks import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
                                    shard_jobs)
@@ -64,12 +64,8 @@ class RunSettings:
         if not isinstance(num_layers, int):
             raise DecafError(f"{cache.path}: metadata lacks num_layers; rerun stage 1 with --overwrite")
         _, end = resolve_layer_range(num_layers, self.layer_start, self.layer_end_arg)
-        obj, bg, choice = self.prompt_versions
-        expected: dict[str, Any] = {"num_input_frames": self.num_input_frames, "layer_start": self.layer_start,
-                                    "layer_end": end, "prompt_versions": {"obj": obj, "bg": bg, "choice": choice}}
-        if self.num_layers is not None:
-            expected["num_layers"] = self.num_layers
-        return expected
+        return expected_meta(num_input_frames=self.num_input_frames, layer_start=self.layer_start, layer_end=end,
+                             prompt_versions=self.prompt_versions, num_layers=self.num_layers)
 
 
 def resolve_run_settings(args: argparse.Namespace) -> RunSettings:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, copy_frames, subprocess_env
-from model.cache import load_cache, save_cache
+from model.cache import CacheMeta, load_cache, save_cache
 from model.maps.coarse_masks import coarse_masks
 from model.maps.fusion import fuse_cache
 from model.maps.keypoints import extract_keypoints
@@ -85,7 +85,7 @@ def write_cache(path: Path, video: str, exp_id: str, frames_count: int, *, zero:
                 "bg_video": blob(video_grid, 0.0, seed + 2), "bg_frame": blob(frame_grid, 0.0, seed + 3)}
     if obj_only:
         maps = {k: v for k, v in maps.items() if k.startswith("obj")}
-    meta = {
+    meta = CacheMeta(**{
         "family": "qwen2_5_vl", "checkpoint": "ckpts/Qwen2.5-VL-7B-Instruct", "checkpoint_revision": None,
         "num_layers": 28, "layer_start": layer_start, "layer_end": 28, "num_input_frames": N,
         "frames_count": frames_count, "key_frame_indices": keys, "frame0_size": list(SIZE),
@@ -99,7 +99,7 @@ def write_cache(path: Path, video: str, exp_id: str, frames_count: int, *, zero:
                      "model_dtype": "bfloat16", "image_processor": "fast", "rollout_impl": "streamed"},
         "versions": {"decaf": "0.1.0", "torch": torch.__version__, "transformers": "5"},
         "dataset": "davis", "video_key": video, "exp_id": exp_id, "expression": "the bed",
-    }
+    })
     return save_cache(path, maps, meta)
 
 
