@@ -23,8 +23,10 @@ from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.attention.prompts import is_empty_expression
 from model.cache import CacheMeta, expected_meta, load_cache, save_cache, setting_mismatches
 from model.cli_args import default_device, model_name_of
+from model.jobs.benchmarks import Job, list_jobs, shard_from_env, shard_jobs
+from model.jobs.runner import JobRunner, Outcome
 from model.parsers import FAMILY_FLAGS, build_stage1_parser
-from model.utils.atomic import check_writable_folder, library_versions, output_claim
+from model.utils.atomic import check_writable_folder, library_versions
 from model.utils.errors import DecafError
 from model.utils.paths import cache_file_name, cache_folder, run_folder
 from model.utils.run_record import RunRecord, StepCounter
@@ -32,9 +34,11 @@ from model.utils.video import check_frame_sizes, list_frames, sample_indices, ve
 
 log = logging.getLogger("decaf.stage1")
 
-def finished(path: Path, expected: dict[str, Any], overwrite: bool) -> bool:
+ATTN_MAP = "attn-map"  # the one output kind of a stage-1 job: its cache file
+
+def cache_finished(path: Path, expected: dict[str, Any]) -> bool:
     """True if ``path`` is a valid cache made with the expected settings; raise if it conflicts (§12.2)."""
-    if not path.exists() or overwrite:
+    if not path.exists():
         return False
     cache = load_cache(path)  # a corrupt file raises, naming it
     diffs = setting_mismatches(cache.meta, expected)
@@ -52,8 +56,6 @@ def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], fa
 
 def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], family_flags: Sequence[str]) -> int:
     """Stage 1 on parsed arguments (:func:`model.parsers.build_stage1_parser`) with one family's adapter."""
-    from model.jobs.benchmarks import list_jobs, shard_from_env, shard_jobs
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_input_frames < 1:
         raise DecafError("--num_input_frames must be positive")
@@ -90,32 +92,23 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], famil
     expected = expected_meta(family=family, checkpoint=args.version, num_layers=num_layers, layer_start=start,
                              layer_end=end, num_input_frames=args.num_input_frames, prompt_versions=versions,
                              resolution=resolution)
-    pending, finished_before, unusable = [], 0, []
-    for job in jobs:
-        path = folder / cache_file_name(job.vid_name, job.exp_id)
-        try:
-            if finished(path, expected, args.overwrite):
-                finished_before += 1
-            else:
-                pending.append((job, path))
-        except DecafError as exc:  # a corrupt cache or one made with other settings (§12.2)
-            unusable.append((job, exc))
-    log.info("shard %d/%d: %d jobs, %d to run, cache folder %s", subset_idx, subset_num, len(jobs), len(pending),
-             folder)
+    runner = JobRunner(lambda _kind, path: cache_finished(path, expected), overwrite=args.overwrite)
+    scan = runner.scan((job, {ATTN_MAP: folder / cache_file_name(job.vid_name, job.exp_id)}) for job in jobs)
+    log.info("shard %d/%d: %d jobs, %d to run, cache folder %s", subset_idx, subset_num, len(jobs),
+             len(scan.pending), folder)
 
     adapter = None
-    if pending and not (unusable and args.fail_fast):  # the model loads only when there is work, before the bar
+    if scan.pending and not (scan.unusable and args.fail_fast):  # the model loads only when there is work, before
+        # the progress bar
         adapter = adapter_class(args.version, device=device, precision=args.precision, attn_implementation=attn_impl,
                                 image_processor=args.image_processor, options=options)
     record = RunRecord(len(jobs), f"stage 1 [{args.dataset}]", args.fail_fast, skipped)
-    record.skip(finished_before)
     # the paper's code ran these too (SPEC §2.1 makes "" into "."): benchmark scores need every expression
     empty = [job.job_id for job in jobs if is_empty_expression(job.expression)]
     if empty:
         record.warn(f"{len(empty)} expression(s) are empty or whitespace only (first: {empty[0]}); they run as in "
                     "the paper, with '.' appended (SPEC §2.1), and are listed in the manifest")
-    for job, exc in unusable:
-        record.fail(job, exc)
+    scan.report(record)
     if adapter is not None and not record.stopped:
         settings = PipelineSettings(
             layer_start=start, layer_end=end, obj_version=args.prompt_obj_ver, bg_version=args.prompt_bg_ver,
@@ -127,69 +120,46 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], famil
         pipeline = PromptingPipeline(adapter, settings)
         pipeline.bar = StepCounter(record.bar, "MLLM pass")  # the passes of the current job, on the run's bar
         with logging_redirect_tqdm():
-            for video_jobs in by_video(pending):
+            for video_jobs in scan.by_video():
                 if record.stopped:
                     break
                 # the video's visual prefixes are computed by its first pending job and freed after its last
                 with pipeline.video_session():
-                    for job, path in video_jobs:
+                    for job, outputs in video_jobs:
                         if record.stopped:
                             break
-                        run_claimed_job(pipeline, job, path, args, num_layers, expected, record)
+                        runner.run(job, outputs, lambda todo, job=job: run_job(
+                            pipeline, job, todo[ATTN_MAP], checkpoint=args.version,
+                            num_input_frames=args.num_input_frames, num_layers=num_layers), record)
 
-    return record.close([folder], "attn-map", args, resolved={
+    return record.close([folder], ATTN_MAP, args, resolved={
         "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
         "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)}, empty_expressions=empty)
 
 
-def by_video(pending: Sequence[tuple[Any, Path]]) -> list[list[tuple[Any, Path]]]:
-    """Pending jobs grouped by video (SPEC §10.9 order kept within and between groups): all expressions of a video
-    sample the same frames, so they share its visual prefixes (SPEC §5.8f)."""
-    groups: dict[str, list[tuple[Any, Path]]] = {}
-    for job, path in pending:
-        groups.setdefault(str(job.frames_dir), []).append((job, path))
-    return list(groups.values())
-
-
-def run_claimed_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int,
-                    expected: dict[str, Any], record: RunRecord) -> None:
-    """One job under its claim: left to a process that holds it, skipped if finished meanwhile, else computed."""
-    try:
-        with output_claim(path) as claimed:
-            if not claimed:
-                record.elsewhere(job)
-                return
-            if finished(path, expected, args.overwrite):  # another process completed it since the listing
-                record.skip()
-                return
-            run_job(pipeline, job, path, args, num_layers)
-    except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
-        record.fail(job, exc)
-    else:
-        record.succeed(job, path.name)
-
-
-def run_job(pipeline: PromptingPipeline, job: Any, path: Path, args: argparse.Namespace, num_layers: int) -> Path:
-    """Extract and save the four maps of one (video, expression) job."""
+def run_job(pipeline: PromptingPipeline, job: Job, path: Path, *, checkpoint: str, num_input_frames: int,
+            num_layers: int) -> Outcome:
+    """Extract and save the four maps of one (video, expression) job; ``checkpoint`` is recorded as given."""
     frames = list_frames(job.frames_dir)
     frame0_size = check_frame_sizes(frames)
-    indices = sample_indices(len(frames), args.num_input_frames)
+    indices = sample_indices(len(frames), num_input_frames)
     sampled = [frames[i] for i in indices]
     for frame in sampled:
         verify_decodable(frame)
     result = pipeline.run(sampled, job.expression, allow_empty=True)  # a benchmark scores every expression
     adapter, settings = pipeline.adapter, pipeline.settings
     meta = CacheMeta(
-        family=adapter.family, checkpoint=args.version, checkpoint_revision=adapter.revision, num_layers=num_layers,
-        layer_start=settings.layer_start, layer_end=settings.layer_end, num_input_frames=args.num_input_frames,
+        family=adapter.family, checkpoint=checkpoint, checkpoint_revision=adapter.revision, num_layers=num_layers,
+        layer_start=settings.layer_start, layer_end=settings.layer_end, num_input_frames=num_input_frames,
         frames_count=len(frames), key_frame_indices=indices, frame0_size=list(frame0_size),
         video_grid=list(result.video_grid), frame_grid=list(result.frame_grid),
         tiling=list(result.tiling) if result.tiling else None,
         prompt_versions={"obj": settings.obj_version, "bg": settings.bg_version, "choice": settings.choice_version},
         prompts=result.prompts, texts=result.texts,
         settings={**adapter.settings(), "attn_max_batch": settings.attn_max_batch,
-                  "rollout_impl": settings.rollout_impl, "rollout_dtype": args.rollout_dtype,
+                  "rollout_impl": settings.rollout_impl,
+                  "rollout_dtype": "bf16" if settings.rollout_dtype == torch.bfloat16 else "fp32",
                   "max_new_tokens": settings.max_new_tokens},
         versions={k: v for k, v in library_versions().items() if k in ("decaf", "torch", "transformers")},
         dataset=job.dataset, video_key=job.video_key, exp_id=job.exp_id, expression=job.expression)
-    return save_cache(path, result.maps, meta)
+    return Outcome(save_cache(path, result.maps, meta).name)

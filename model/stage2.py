@@ -15,9 +15,8 @@ keypoints start quickly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,11 +28,12 @@ from model.cache import AttentionCache, check_against_frames, expected_meta, loa
 from model.cli_args import default_device, model_name_of
 from model.jobs.benchmarks import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
                                    shard_jobs)
+from model.jobs.runner import JobRunner, Outcome
 from model.maps.coarse_masks import coarse_masks
 from model.maps.fusion import fuse_cache
 from model.maps.keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
 from model.parsers import build_keypoint_parser, build_mask_parser
-from model.utils.atomic import check_writable_folder, output_claim
+from model.utils.atomic import check_writable_folder
 from model.utils.errors import DecafError
 from model.utils.mask_png import write_mask_folder
 from model.utils.paths import DEFAULT_THRESHOLD, cache_file_name, cache_folder, output_folder, output_kind, run_folder
@@ -165,13 +165,10 @@ class SamPrompting:
 
 
 @dataclass
-class JobOutcome:
-    """What one job did: the cache's family, degenerate cases (§8.9) and a one-line summary."""
+class JobOutcome(Outcome):
+    """What one job did (:class:`~model.jobs.runner.Outcome`), and the model family its cache records."""
 
-    family: str
-    summary: str
-    degenerate: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # worth a warning but not a degenerate case, e.g. an empty mask
+    family: str = ""
 
 
 def load_job_cache(cache_path: str | Path, video: VideoFrames, settings: RunSettings,
@@ -212,7 +209,7 @@ def run_mask_job(cache_path: str | Path, video: VideoFrames, settings: RunSettin
     keys = cache.key_frame_indices
     names = video.names
     all_zero = not bool(phi.max() > 0)
-    outcome = JobOutcome(cache.family, f"{cache.family}, Φ {tuple(phi.shape)}")
+    outcome = JobOutcome(f"{cache.family}, Φ {tuple(phi.shape)}", family=cache.family)
     if attn_mask_dir is not None:
         masks = coarse_masks(phi, video.frame0_size)
         write_mask_folder(attn_mask_dir, [names[k] for k in keys], masks)
@@ -246,7 +243,7 @@ def run_keypoint_job(cache_path: str | Path, video: VideoFrames, settings: RunSe
     phi = fuse_cache(cache, no_background=settings.no_background, fusion=settings.fusion)
     keypoints = extract_keypoints(phi, cache.key_frame_indices)
     save_keypoints(output_file, keypoints)
-    outcome = JobOutcome(cache.family, f"{cache.family}, {len(keypoints)} keypoints")
+    outcome = JobOutcome(f"{cache.family}, {len(keypoints)} keypoints", family=cache.family)
     if not bool(phi.max() > 0):
         outcome.degenerate.append(f"{KEYPOINT}: Φ is all zero; the keypoints carry no information")
     return outcome
@@ -345,50 +342,26 @@ def _run_mask_video(group: list[Job], args: argparse.Namespace, settings: RunSet
     if mismatch:  # the reference ran such videos too (SPEC §9.4); the evaluators will miss the PNGs
         record.warn(f"{mismatch}; PNGs are named after the frame files, the evaluators read the meta frames")
     expected = {ATTN_MASK: min(len(frames), settings.num_input_frames), SAM_MASK: len(frames)}
-    todo = []
-    for job in group:
-        folders = {kind: root / job.video_key / job.exp_id for kind, root in layout.outputs.items()}
-        missing = {kind: folder for kind, folder in folders.items()
-                   if args.overwrite or not mask_folder_finished(folder, expected[kind])}
-        if missing:
-            todo.append((job, missing))
-        else:
-            record.skip()
-    if not todo:
+    runner = JobRunner(lambda kind, folder: mask_folder_finished(folder, expected[kind]), overwrite=args.overwrite)
+    scan = runner.scan((job, {kind: root / job.video_key / job.exp_id for kind, root in layout.outputs.items()})
+                       for job in group)
+    scan.report(record)
+    if not scan.pending:
         return
     try:
         video = VideoFrames.read(group[0].frames_dir, settings.num_input_frames, frames)
-        if any(SAM_MASK in missing for _, missing in todo):
+        if any(SAM_MASK in missing for _, missing in scan.pending):
             sam.predictor.set_video(video.frames)  # the expressions of this video share its image features
     except Exception as exc:
-        for job, _ in todo:
+        for job, _ in scan.pending:
             record.fail(job, exc)
         return
-    for job, missing in todo:
+    for job, missing in scan.pending:
         if record.stopped:
             return
-        try:
-            with contextlib.ExitStack() as claims:
-                claimed = {kind: folder for kind, folder in missing.items()
-                           if claims.enter_context(output_claim(folder))}
-                if not claimed:
-                    record.elsewhere(job)
-                    continue
-                # another process may have finished them since the listing
-                todo_kinds = {kind: folder for kind, folder in claimed.items()
-                              if args.overwrite or not mask_folder_finished(folder, expected[kind])}
-                if not todo_kinds:
-                    record.skip()
-                    continue
-                outcome = run_mask_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
-                                       attn_mask_dir=todo_kinds.get(ATTN_MASK), sam_mask_dir=todo_kinds.get(SAM_MASK),
-                                       sam=sam, job=job)
-        except Exception as exc:  # one failed job must not stop a benchmark run (§10.9)
-            record.fail(job, exc)
-        else:
-            record.succeed(job, outcome.summary, outcome.degenerate)
-            for note in outcome.notes:  # logged and listed under the manifest's "warnings"
-                record.warn(f"{job.job_id}: {note}")
+        runner.run(job, missing, lambda todo, job=job: run_mask_job(
+            layout.cache_path(job.vid_name, job.exp_id), video, settings, attn_mask_dir=todo.get(ATTN_MASK),
+            sam_mask_dir=todo.get(SAM_MASK), sam=sam, job=job), record)
 
 
 def keypoint_main(argv: Sequence[str] | None = None) -> int:
@@ -408,40 +381,26 @@ def run_keypoints(args: argparse.Namespace) -> int:
              layout.cache_dirs[0], out_root)
 
     record = RunRecord(len(jobs), f"keypoints [{args.dataset}]", args.fail_fast, skipped)
+    runner = JobRunner(lambda _kind, output: output.is_file(), overwrite=args.overwrite)
     with logging_redirect_tqdm():
         for group in group_by_video(jobs):
-            todo = [job for job in group
-                    if args.overwrite or not (out_root / job.video_key / job.exp_id / KEYPOINTS_FILE).is_file()]
-            for job in group:
-                if job not in todo:
-                    record.skip()
-            if not todo or record.stopped:
+            scan = runner.scan((job, {KEYPOINT: out_root / job.video_key / job.exp_id / KEYPOINTS_FILE})
+                               for job in group)
+            scan.report(record)
+            if not scan.pending or record.stopped:
                 continue
             try:
                 # keypoints need the sampling and frame 0's size only, not every header (§9.1)
                 video = VideoFrames.read(group[0].frames_dir, settings.num_input_frames, check_all_sizes=False)
             except Exception as exc:
-                for job in todo:
+                for job, _ in scan.pending:
                     record.fail(job, exc)
                 continue
-            for job in todo:
+            for job, missing in scan.pending:
                 if record.stopped:
                     break
-                output = out_root / job.video_key / job.exp_id / KEYPOINTS_FILE
-                try:
-                    with output_claim(output) as claimed:
-                        if not claimed:
-                            record.elsewhere(job)
-                            continue
-                        if not args.overwrite and output.is_file():  # finished by another process meanwhile
-                            record.skip()
-                            continue
-                        outcome = run_keypoint_job(layout.cache_path(job.vid_name, job.exp_id), video, settings,
-                                                   output, job=job)
-                except Exception as exc:
-                    record.fail(job, exc)
-                else:
-                    record.succeed(job, outcome.summary, outcome.degenerate)
+                runner.run(job, missing, lambda todo, job=job: run_keypoint_job(
+                    layout.cache_path(job.vid_name, job.exp_id), video, settings, todo[KEYPOINT], job=job), record)
     return record.close([out_root], "keypoints", args,
                         resolved={"layer_start": settings.layer_start, "num_layers": settings.num_layers,
                                   "subset_num": subset_num, "subset_idx": subset_idx,

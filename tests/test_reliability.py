@@ -33,7 +33,8 @@ from model.adapters.qwen import QwenVLAdapter
 from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.cache import load_cache
 from model.selftest.tiny.qwen import build_tiny_qwen_checkpoint
-from model.stage1 import finished
+from model.jobs.runner import JobRunner
+from model.stage1 import cache_finished
 from model.stage2 import keypoint_main, mask_main
 from model.utils.atomic import HOST_TAG, TMP_MARKER, output_claim
 from model.utils.errors import EXIT_JOBS_FAILED, EXIT_USER_ERROR, DecafError, run_cli
@@ -568,9 +569,11 @@ def test_truncated_and_old_format_caches_name_the_file(tmp_path, reference_cache
     for path, reason in ((truncated, "cannot parse the file"), (old, "format_version 0 is not supported"),
                          (foreign, "no 'decaf' metadata")):
         with pytest.raises(DecafError, match=rf"invalid attention cache {re.escape(str(path))}: {reason}"):
-            finished(path, expected, overwrite=False)
-        assert finished(path, expected, overwrite=True) is False  # --overwrite recomputes it
-    assert finished(source, expected, overwrite=False) is True
+            cache_finished(path, expected)
+        # --overwrite recomputes it without reading it
+        overwrite = JobRunner(lambda _kind, cache: cache_finished(cache, expected), overwrite=True)
+        assert overwrite.missing({"attn-map": path}) == {"attn-map": path}
+    assert cache_finished(source, expected) is True
 
 
 # -------------------------------------------------------------------------------- full disks, unwritable folders
