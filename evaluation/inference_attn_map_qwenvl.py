@@ -6,19 +6,12 @@ Example:
 """
 from __future__ import annotations
 
-from model.parsers import build_stage1_parser
+from model.parsers import run_stage1_script
 from model.utils.errors import run_cli
-
-FAMILY_FLAGS = ("attn_max_token", "attn_resize_scale", "attn_max_token_per_image")
 
 
 def main(argv=None) -> int:
-    args = build_stage1_parser(__doc__.splitlines()[0], FAMILY_FLAGS).parse_args(argv)
-    # the model code (torch, transformers) loads only after parsing: --help and flag errors answer at once
-    from model.adapters.qwen import QwenVLAdapter
-    from model.stage1 import run_stage1
-
-    return run_stage1(args, QwenVLAdapter, FAMILY_FLAGS)
+    return run_stage1_script("qwen", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,16 +32,16 @@ import torch
 from tqdm import tqdm
 
 from model.adapters import adapter_for_checkpoint
-from model.adapters.base import AdapterOptions, check_checkpoint_files, resolve_layer_range
+from model.adapters.base import check_checkpoint_files, resolve_layer_range
 from model.attention.pipeline import PipelineSettings, PromptingPipeline
-from model.cli_args import default_device
 from model.maps.coarse_masks import coarse_masks
 from model.maps.fusion import fuse_maps
+from model.sam import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
 from model.sam.prompting import (Candidate, candidate_points, load_sam2_predictor, resolve_sam2_config,
                                  sam2_masks)
 from model.selftest.tiny.preset import (DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS,
                                         ensure_tiny_checkpoints, tiny_layout)
-from model.settings import DEFAULT_MLLM, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG, SegmentSettings
+from model.settings import DEFAULT_MLLM, SegmentSettings, default_device
 from model.utils.errors import DecafError
 from model.utils.video import check_frame_sizes, frame_name, list_frames, sample_indices, verify_decodable
 
@@ -228,10 +228,9 @@ class Segmenter:
         # both checkpoints are checked before either is loaded: a missing SAM2 file must not cost a 7B load
         adapter_class = check_checkpoints(version, vision_pretrained, vision_pretrained_config)
         with self._stage(f"loading {Path(version).name} ({adapter_class.__name__}, {precision}) on {self.device}"):
-            options = AdapterOptions(**{f.name: getattr(settings, f.name) for f in fields(AdapterOptions)})
             self.adapter = adapter_class(version, device=self.device, precision=precision,
                                          attn_implementation=attn_implementation,
-                                         image_processor=image_processor, options=options)
+                                         image_processor=image_processor, options=settings.adapter_options())
         start, end = resolve_layer_range(self.adapter.num_layers, settings.attn_layer_idx_start,
                                          settings.attn_layer_idx_end)
         self.pipeline = PromptingPipeline(self.adapter, PipelineSettings(

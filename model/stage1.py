@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -22,10 +22,9 @@ from model.adapters.base import (AdapterOptions, MLLMAdapter, check_checkpoint_f
 from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.attention.prompts import is_empty_expression
 from model.cache import CacheMeta, expected_meta, load_cache, save_cache, setting_mismatches
-from model.cli_args import default_device, model_name_of
 from model.jobs.benchmarks import Job, list_jobs, shard_from_env, shard_jobs
 from model.jobs.runner import JobRunner, Outcome
-from model.parsers import FAMILY_FLAGS, build_stage1_parser
+from model.settings import default_device, model_name_of
 from model.utils.atomic import check_writable_folder, library_versions
 from model.utils.errors import DecafError
 from model.utils.paths import cache_file_name, cache_folder, run_folder
@@ -48,14 +47,9 @@ def cache_finished(path: Path, expected: dict[str, Any]) -> bool:
     return True
 
 
-def stage1_main(argv: Sequence[str] | None, adapter_class: type[MLLMAdapter], family_flags: Sequence[str],
-                description: str) -> int:
-    """An ``inference_attn_map_<family>.py`` script on these arguments."""
-    return run_stage1(build_stage1_parser(description, family_flags).parse_args(argv), adapter_class, family_flags)
-
-
-def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], family_flags: Sequence[str]) -> int:
-    """Stage 1 on parsed arguments (:func:`model.parsers.build_stage1_parser`) with one family's adapter."""
+def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter]) -> int:
+    """Stage 1 on parsed arguments (:func:`model.parsers.build_stage1_parser`) with one family's adapter; the
+    family's input flags are those :class:`AdapterOptions` declares for the families of ``adapter_class``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_input_frames < 1:
         raise DecafError("--num_input_frames must be positive")
@@ -77,13 +71,14 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter], famil
     start, end = resolve_layer_range(num_layers, args.attn_layer_idx_start, args.attn_layer_idx_end)
     versions = (args.prompt_obj_ver, args.prompt_bg_ver, args.prompt_obj_cnt_ver)
     folder = Path(args.attn_save_path) if args.attn_save_path else cache_folder(
-        model_name_of(args), run_folder(args.num_input_frames, start, args.attn_layer_idx_end, versions,
+        model_name_of(args.model_name, args.version), run_folder(args.num_input_frames, start, args.attn_layer_idx_end, versions,
                                         obj_only=args.no_background), args.dataset, args.testset)
     check_writable_folder(folder)
+    family_flags = AdapterOptions.flags_for(tuple(adapter_class.model_types.values()))
     options = AdapterOptions(**{name: getattr(args, name) for name in family_flags})
     device = args.device or default_device()
     attn_impl = args.attn_implementation or default_attn_implementation()
-    resolution = {name: getattr(options, name) for name in FAMILY_FLAGS}
+    resolution = {name: getattr(options, name) for name in AdapterOptions.names()}
     resolution.update(adapter_class.matched_settings(args.image_processor))  # backend and M-RoPE rule (§12.2)
 
     subset_num, subset_idx = shard_from_env(args.subset_num, args.subset_idx)

@@ -25,7 +25,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.adapters.base import layer_count, read_checkpoint_config, resolve_layer_range
 from model.cache import AttentionCache, check_against_frames, expected_meta, load_cache, setting_mismatches
-from model.cli_args import default_device, model_name_of
 from model.jobs.benchmarks import (Job, dataset_files, frame_mismatch, group_by_video, list_jobs, shard_from_env,
                                    shard_jobs)
 from model.jobs.runner import JobRunner, Outcome
@@ -33,6 +32,8 @@ from model.maps.coarse_masks import coarse_masks
 from model.maps.fusion import fuse_cache
 from model.maps.keypoints import KEYPOINTS_FILE, extract_keypoints, save_keypoints
 from model.parsers import build_keypoint_parser, build_mask_parser
+from model.sam import DEFAULT_SAM2_BATCH
+from model.settings import default_device, model_name_of
 from model.utils.atomic import check_writable_folder
 from model.utils.errors import DecafError
 from model.utils.mask_png import write_mask_folder
@@ -116,7 +117,7 @@ def resolve_layout(args: argparse.Namespace, settings: RunSettings, kinds: Seque
         cache_dirs: tuple[Path, ...] = (Path(args.attn_save_path),)
     else:
         variants = (False, True) if settings.no_background else (False,)
-        cache_dirs = tuple(cache_folder(model_name_of(args), run_folder(*folder_args, obj_only=obj_only),
+        cache_dirs = tuple(cache_folder(model_name_of(args.model_name, args.version), run_folder(*folder_args, obj_only=obj_only),
                                         args.dataset, args.testset) for obj_only in variants)
     names = {kind: output_kind(kind, point_threshold, final_score_threshold, settings.no_background,
                                settings.fusion) for kind in kinds}
@@ -125,7 +126,7 @@ def resolve_layout(args: argparse.Namespace, settings: RunSettings, kinds: Seque
         # two kinds never share a folder (SPEC §7.5, §14 #40)
         outputs = {kind: root if len(kinds) == 1 else root / names[kind] for kind in kinds}
     else:
-        outputs = {kind: output_folder(model_name_of(args), run_folder(*folder_args), settings.num_input_frames,
+        outputs = {kind: output_folder(model_name_of(args.model_name, args.version), run_folder(*folder_args), settings.num_input_frames,
                                        names[kind], args.dataset, args.testset) for kind in kinds}
     return Layout(cache_dirs, outputs)
 
@@ -160,7 +161,7 @@ class SamPrompting:
     predictor: Any
     point_threshold: float = DEFAULT_THRESHOLD
     final_score_threshold: float = DEFAULT_THRESHOLD
-    batch_size: int = 1  # SAM2 objects per batch (--sam2_batch)
+    batch_size: int = DEFAULT_SAM2_BATCH  # SAM2 objects per batch (--sam2_batch)
     progress: bool = False  # transient per-phase progress bars
 
 

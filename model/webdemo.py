@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import cv2
 
 from model.api import Segmenter, SegmentSettings, VideoSource
-from model.cli_args import batch_arg
+from model.settings import add_settings, batch_arg
 from model.utils.errors import DecafError, run_cli
 from model.utils.paths import REPO, SAMPLE_CLIP
 from model.utils.video import check_frame_sizes
@@ -41,9 +41,6 @@ from model.vis.web_outputs import browser_codec, write_gallery, write_mask_zip, 
 
 log = logging.getLogger("decaf.webdemo")
 
-DEFAULT_PORT = 7860
-#: frames per clip; SAM2 keeps ~16 MiB of image features per frame at 1024 px and the masks take H₀·W₀ bytes each
-DEFAULT_MAX_FRAMES = 400
 #: largest single frame accepted from a ZIP (a guard against archives that inflate without bound)
 MAX_ZIP_MEMBER_BYTES = 64 * 2 ** 20
 UPLOAD_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".avi", ".zip"]
@@ -81,12 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = argparse.SUPPRESS
     parser = argparse.ArgumentParser(prog="python -m model.webdemo", description=__doc__, parents=[base],
                                      add_help=False, formatter_class=base.formatter_class)
-    web = parser.add_argument_group("web server")
-    web.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on; 127.0.0.1 keeps the page to this machine")
-    web.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    web.add_argument("--max_frames", type=int, default=DEFAULT_MAX_FRAMES,
-                     help="longest clip accepted, in frames; longer ones are refused with a message (memory)")
+    # --max_frames bounds memory: SAM2 keeps ~16 MiB of image features per frame at 1024 px
+    add_settings(parser, ("host", "port", "max_frames"))
     return parser
 
 
@@ -413,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.prepare_tiny(args)  # builds the tiny checkpoints into --tiny_ckpts on first use
         version, sam2, sam2_config, overrides = (args.version, args.vision_pretrained,
                                                  args.vision_pretrained_config, args.sam2_overrides)
-        settings = SegmentSettings(**{name: getattr(args, name) for name in SegmentSettings.field_names()})
+        settings = SegmentSettings.from_args(args)
         with Segmenter(version, sam2, sam2_config, settings=settings, device=args.device, precision=args.precision,
                        attn_implementation=args.attn_implementation, sam2_overrides=overrides,
                        progress=True) as segmenter:

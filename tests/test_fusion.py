@@ -245,7 +245,7 @@ def test_shape_errors_are_user_errors():
     bad = dict(maps, bg_frame=torch.rand(5, 8, 13))
     with pytest.raises(DecafError, match="differ in shape"):
         fuse_maps(**bad, key_frame_count=5)
-    with pytest.raises(DecafError, match="--fusion"):
+    with pytest.raises(DecafError, match="^fusion must be one of"):
         fuse_maps(**maps, key_frame_count=5, fusion="late")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import subprocess_env
-from model.selftest import DISCLAIMER
+from model.selftest.run import DISCLAIMER
 
 RUN = Path("qwen2-5-vl-7b-rvos/F4_L14--1")
 

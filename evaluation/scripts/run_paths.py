@@ -25,9 +25,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from model.cli_args import add_job_args, add_run_folder_args, model_name_of
+from model.parsers import JOB_FLAGS, RUN_FOLDER_FLAGS
+from model.settings import add_settings, model_name_of
 from model.utils.errors import DecafError, run_cli
-from model.utils.paths import DEFAULT_THRESHOLD, cache_folder, data_name, output_kind, run_folder
+from model.utils.paths import cache_folder, data_name, output_kind, run_folder
 
 STAGE_MARKERS = ("--stage1", "--stage2")
 
@@ -35,13 +36,8 @@ STAGE_MARKERS = ("--stage1", "--stage2")
 def stage_parser() -> argparse.ArgumentParser:
     """The folder-naming subset of the stage flags (SPEC §13.2); every other flag is ignored."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_job_args(parser)
-    add_run_folder_args(parser, version_required=False)
-    parser.add_argument("--no_background", action="store_true")
-    parser.add_argument("--fusion", default="both")
-    parser.add_argument("--point_threshold", type=float, default=DEFAULT_THRESHOLD)
-    parser.add_argument("--final_score_threshold", type=float, default=DEFAULT_THRESHOLD)
-    parser.add_argument("--vis_save_path", default=None)
+    add_settings(parser, (*JOB_FLAGS, *RUN_FOLDER_FLAGS, "no_background", "fusion", "point_threshold",
+                          "final_score_threshold", "vis_save_path"))
     return parser
 
 
@@ -121,7 +117,7 @@ def run_paths(argv: Sequence[str]) -> dict[str, str]:
                              "ATTN_ROOT, OUTPUT_ROOT or RUN_SUFFIX instead")
     versions = (stage1.prompt_obj_ver, stage1.prompt_bg_ver, stage1.prompt_obj_cnt_ver)
     start = resolved_start(stage1)
-    model_name = model_name_of(stage1)
+    model_name = model_name_of(stage1.model_name, stage1.version)
     # the cache folder follows the stage-1 flags (an '_obj-only' cache for stage-1 --no_background, §6.7); outputs
     # stay in the plain run folder and carry the stage-2 suffixes, as model.stage2.resolve_layout does (§12.3)
     cache_run = run_folder(stage1.num_input_frames, start, stage1.attn_layer_idx_end, versions,

@@ -29,6 +29,19 @@ ADAPTERS: dict[str, tuple[str, str, str, str]] = {
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(row[3] for row in ADAPTERS.values()))
 
 
+def families_in(module: str) -> tuple[str, ...]:
+    """The cache family names whose adapter lives in ``model/adapters/<module>.py``."""
+    return tuple(dict.fromkeys(row[3] for row in ADAPTERS.values() if row[0] == module))
+
+
+def adapter_in(module: str) -> type[MLLMAdapter]:
+    """The adapter class of ``model/adapters/<module>.py`` (imported now)."""
+    model_type = next((key for key, row in ADAPTERS.items() if row[0] == module), None)
+    if model_type is None:
+        raise KeyError(f"no adapter module {module!r}; known: {sorted({row[0] for row in ADAPTERS.values()})}")
+    return adapter_for_model_type(model_type)
+
+
 def extraction_script(model_type: str | None) -> str | None:
     """``evaluation/<script>`` that extracts attention for this ``model_type``, or None if unsupported."""
     return f"evaluation/{ADAPTERS[model_type][2]}" if model_type in ADAPTERS else None

@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import nn
 
-from model.utils.errors import DecafError
+from model.adapters.options import AdapterOptions
+from model.utils.errors import DecafError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,6 @@ QWEN2_BPE_RANKS = 151_643
 #: torchvision ("fast") processors and the PIL ("slow") ones end in ``Pil``; ``AutoImageProcessor`` picks
 #: torchvision whenever it is installed unless ``backend=`` says otherwise.
 IMAGE_PROCESSOR_BACKENDS = {"slow": "pil", "fast": "torchvision"}
-
-
-@dataclass(frozen=True)
-class AdapterOptions:
-    """Family-specific input flags (SPEC §13.2); each family reads the ones it knows."""
-
-    attn_max_token: int = 400
-    attn_resize_scale: int = 2
-    attn_max_token_per_image: int = -1
-    max_patches: int = 12
 
 
 @dataclass
@@ -207,7 +198,7 @@ class MLLMAdapter(ABC):
         """The transformers backend (``pil`` / ``torchvision``) of ``--image_processor`` (None: the family's)."""
         choice = cls.default_image_processor if choice is None else choice
         if choice not in IMAGE_PROCESSOR_BACKENDS:
-            raise DecafError(f"--image_processor must be one of {sorted(IMAGE_PROCESSOR_BACKENDS)}, got {choice!r}")
+            raise SettingError("image_processor", f"must be one of {sorted(IMAGE_PROCESSOR_BACKENDS)}, got {choice!r}")
         return IMAGE_PROCESSOR_BACKENDS[choice]
 
     @classmethod
@@ -227,7 +218,7 @@ class MLLMAdapter(ABC):
             return torch.float16  # AWQ kernels run in fp16 (§0.6)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         if precision not in dtypes:
-            raise DecafError(f"--precision must be one of {sorted(dtypes)}, got {precision!r}")
+            raise SettingError("precision", f"must be one of {sorted(dtypes)}, got {precision!r}")
         return dtypes[precision]
 
     @abstractmethod

@@ -16,7 +16,7 @@ import torch
 
 from model.adapters.base import (MLLMAdapter, VisualBatch, expand_placeholder, has_real_qwen2_vocab, load_rgb,
                                  processor_size)
-from model.utils.errors import DecafError
+from model.utils.errors import DecafError, SettingError
 from model.utils.video import read_frame_size
 
 #: paper checkpoints (InternVL3-2B/8B/14B-hf) [ckpt], asserted when the real vocabulary is loaded
@@ -79,7 +79,7 @@ class InternVLAdapter(MLLMAdapter):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.options.max_patches < 1:
-            raise DecafError(f"--max_patches must be at least 1, got {self.options.max_patches}")
+            raise SettingError("max_patches", f"must be at least 1, got {self.options.max_patches}")
         config = self.model.config
         vision = config.vision_config
         self.tile = tuple(int(v) for v in vision.image_size)

@@ -32,7 +32,6 @@ from model.attention.rollout import make_rollout
 
 log = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS = 128
 #: inputs holding one entry per sequence position, cut at the prefix's end; all others (pixels, grids) belong to
 #: the visual tokens, which lie in the prefix (SPEC §4.5)
 SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -55,7 +54,7 @@ class PipelineSettings:
     rollout_dtype: torch.dtype = torch.float32
     no_background: bool = False
     save_bg_captions: bool = False
-    max_new_tokens: int = MAX_NEW_TOKENS  # the paper's value; smaller only for smoke tests of random models
+    max_new_tokens: int = prompts.MAX_NEW_TOKENS  # §4.7; smaller only for smoke tests of random models
     share_prefix: bool = True  # per-video prefix sharing in video sessions (SPEC §5.8f); --no_prefix_cache: off
 
 

@@ -5,7 +5,13 @@ string literals, which read the same in Python). Index = prompt version (0 = the
 """
 from __future__ import annotations
 
-from model.utils.errors import DecafError
+from model.utils.errors import DecafError, SettingError
+
+#: greedy decoding length of every answer (SPEC §4.7); lower only for smoke tests of random-weight models, where it
+#: can change obj_name
+MAX_NEW_TOKENS = 128
+#: the prompt versions of §4.3 (0 = the paper's default; paper Tables 10–12)
+PROMPT_VERSIONS = (0, 1, 2, 3)
 
 # OBJ_CLS (calls 1–2), versions 0–3 (§4.2, §4.3; paper Table 10)
 OBJ_CLS: tuple[str, ...] = (
@@ -49,8 +55,8 @@ def preprocess_expression(expression: str, *, allow_empty: bool = False) -> str:
 
 
 def check_version(kind: str, version: int) -> int:
-    if version not in (0, 1, 2, 3):
-        raise DecafError(f"--{kind} must be 0, 1, 2 or 3, got {version}")
+    if version not in PROMPT_VERSIONS:
+        raise SettingError(kind, f"must be 0, 1, 2 or 3, got {version}")
     return version
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from model.utils.errors import DecafError
+from model.utils.errors import DecafError, SettingError
 from model.utils.video import frame_name, list_frames
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def dataset_files(dataset: str, data_root: str | Path | None = None, testset: bo
     if dataset not in DATASETS:
         raise DecafError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if testset and dataset != "mevis":
-        raise DecafError(f"--testset selects MeViS 'valid' and does not apply to --dataset {dataset}")
+        raise SettingError("testset", f"selects MeViS 'valid' and does not apply to dataset {dataset!r}")
     root = Path(data_root) if data_root is not None else default_data_root()
     if dataset == "davis":
         return DatasetFiles(root / "davis17/meta_expressions/valid/meta_expressions.json",
@@ -209,10 +209,10 @@ def shard_jobs(jobs: list[Job], subset_num: int, subset_idx: int) -> list[Job]:
     after sharding, so that every shard sees the same list.
     """
     if not isinstance(subset_num, int) or subset_num < 1:
-        raise DecafError(f"--subset_num must be a positive integer, got {subset_num!r}")
+        raise SettingError("subset_num", f"must be a positive integer, got {subset_num!r}")
     if not isinstance(subset_idx, int) or not 0 <= subset_idx < subset_num:
-        raise DecafError(f"--subset_idx must be in [0, {subset_num - 1}] for --subset_num {subset_num}, "
-                         f"got {subset_idx!r}")
+        raise SettingError("subset_idx", f"must be in [0, {subset_num - 1}] for subset_num {subset_num}, "
+                                         f"got {subset_idx!r}")
     video_index: dict[tuple[str, str], int] = {}
     for job in jobs:
         video_index.setdefault((job.dataset, job.video_key), len(video_index))

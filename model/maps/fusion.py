@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from model.utils.errors import DecafError
+from model.utils.errors import DecafError, SettingError
 from model.utils.paths import FUSION_MODES
 from model.utils.precision import strict_fp32
 
@@ -146,7 +146,7 @@ def fuse_maps(obj_video: torch.Tensor, obj_frame: torch.Tensor, bg_video: torch.
     that enter Φ (``both``, ``video`` or ``frame``).
     """
     if fusion not in FUSION_MODES:
-        raise DecafError(f"--fusion must be one of {', '.join(FUSION_MODES)}, got {fusion!r}")
+        raise SettingError("fusion", f"must be one of {', '.join(FUSION_MODES)}, got {fusion!r}")
     if not no_background and (bg_video is None or bg_frame is None):
         raise DecafError("background maps are missing; pass --no_background to fuse object maps only")
     if no_background:

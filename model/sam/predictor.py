@@ -37,13 +37,12 @@ from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 from sam2.utils.misc import _load_img_as_tensor
 
+from model.sam import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
 from model.utils.errors import DecafError
 from model.utils.video import check_frame_sizes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = "sam2_hiera_l.yaml"
-DEFAULT_CHECKPOINT = Path("ckpts/sam2-hiera-large/sam2_hiera_large.pt")
 CKPT_HELP = "see ckpts/README.md for where to put the SAM2 checkpoint"
 #: the inference configs shipped inside the sam2 package (SAM 2.0 and SAM 2.1); names resolve against these
 SHIPPED_CONFIG_DIRS = ("configs/sam2", "configs/sam2.1")
@@ -131,7 +130,7 @@ def _check_release(weights: dict[str, torch.Tensor], config_name: str, checkpoin
                      f"{other}; pass --vision_pretrained_config {counterpart}")
 
 
-def load_sam2_predictor(config: str = DEFAULT_CONFIG, checkpoint: str | Path = DEFAULT_CHECKPOINT,
+def load_sam2_predictor(config: str = DEFAULT_SAM2_CONFIG, checkpoint: str | Path = DEFAULT_SAM2_CHECKPOINT,
                         device: str | torch.device = "cuda",
                         hydra_overrides: Sequence[str] = ()) -> DecafSAM2Predictor:
     """Build :class:`DecafSAM2Predictor` with sam2's video-predictor builder and load ``checkpoint`` (SPEC §8.1).

@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.sam import DEFAULT_SAM2_BATCH
 from model.sam.predictor import (DecafSAM2Predictor, FeatureCache, load_sam2_predictor, resolve_sam2_config,
                                  sam2_extension_loaded)
 from model.utils.errors import DecafError
+from model.utils.paths import DEFAULT_THRESHOLD
 from model.utils.video import check_frame_sizes
 
 __all__ = ["Candidate", "DecafSAM2Predictor", "FeatureCache", "SamPromptResult", "Tracklet", "ac_scores",
@@ -48,8 +50,6 @@ log = logging.getLogger(__name__)
 #: NMS overlap threshold, compared strictly in fp32 (SPEC §8.5)
 NMS_IOU_THRESHOLD = np.float32(0.7)
 NO_CANDIDATE = "no candidate point"
-#: objects per SAM2 batch by default; 1 runs every object alone (the per-object computation of SPEC §8.10)
-DEFAULT_BATCH_SIZE = 1
 
 
 @dataclass(frozen=True)
@@ -327,8 +327,9 @@ def _check_job(phi: torch.Tensor, frame_paths: list[Path], key_frame_indices: Se
 
 
 def sam2_masks(predictor: DecafSAM2Predictor, phi: torch.Tensor, frame_paths: list[Path],
-               key_frame_indices: list[int], *, point_threshold: float = 0.8, final_score_threshold: float = 0.8,
-               cached_features: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+               key_frame_indices: list[int], *, point_threshold: float = DEFAULT_THRESHOLD,
+               final_score_threshold: float = DEFAULT_THRESHOLD,
+               cached_features: bool = True, batch_size: int = DEFAULT_SAM2_BATCH,
                progress: bool = False) -> SamPromptResult:
     """Dense masks of one expression on every frame of its video, SPEC §8.
 

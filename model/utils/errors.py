@@ -20,6 +20,19 @@ class DecafError(Exception):
     """An error caused by the user's input or environment; its message is one actionable line."""
 
 
+class SettingError(DecafError):
+    """A bad value of one run setting. The library speaks of the argument (``num_input_frames must be positive``),
+    as a Python caller passed it; :func:`run_cli` speaks of the flag (``--num_input_frames must be positive``), as a
+    script's user gave it. Setting names are the flag names (:mod:`model.settings`)."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+    def as_flag(self) -> str:
+        return f"--{self.setting} {self.problem}"
+
+
 #: what the run in progress would say if interrupted now (set by :class:`model.utils.run_record.RunRecord`)
 _interrupt_note: Callable[[], str] | None = None
 
@@ -35,7 +48,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         status = main(argv)
     except DecafError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.as_flag() if isinstance(exc, SettingError) else exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         note = _interrupt_note() if _interrupt_note is not None else "nothing half-written was kept"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.utils.errors import DecafError
+from model.utils.errors import DecafError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def sample_indices(num_frames: int, num_input_frames: int) -> list[int]:
     if num_frames <= 0:
         raise ValueError("a video needs at least one frame")
     if num_input_frames <= 0:
-        raise DecafError(f"--num_input_frames must be positive, got {num_input_frames}")
+        raise SettingError("num_input_frames", f"must be positive, got {num_input_frames}")
     if num_frames <= num_input_frames:
         return list(range(num_frames))
     return np.linspace(0, num_frames - 1, num_input_frames, dtype=np.float64).astype(int).tolist()
