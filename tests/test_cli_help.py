@@ -13,7 +13,7 @@ SCRIPTS = ["evaluation/inference_attn_map_qwenvl.py", "evaluation/inference_attn
            "evaluation/inference_attn_map_internvl.py", "evaluation/inference_attn_map_qwen3vl.py",
            "inference_attn_mask.py", "inference_keypoints.py", "demo.py", "data_reformat_reasonvos.py",
            "evaluation/eval_rvos.py", "evaluation/eval_rvos_obj_iou.py", "evaluation/eval_rvos_keypoints.py",
-           "evaluation/zip_refvos_results.py"]
+           "evaluation/zip_refvos_results.py", "evaluation/run_pipeline.py"]
 
 
 def undocumented_options(help_text: str) -> list[str]:
