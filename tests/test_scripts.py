@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +218,10 @@ for arg in "$@"; do
     fi
     previous=$arg
 done
+if [[ -n ${{STUB_SLEEP:-}} ]]; then  # a long stage: leave its pid and wait to be stopped
+    echo > "$STUB_PIDS/$$"
+    exec sleep "$STUB_SLEEP"
+fi
 """
 
 
@@ -233,7 +240,8 @@ class Call:
         return self.argv[positions[-1] + 1] if positions else None
 
 
-def run_script(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.CompletedProcess, list[Call]]:
+def stub_environment(tmp_path: Path, **env: str) -> dict[str, str]:
+    """A clean environment whose PYTHON is the recorder (into ``tmp_path/record``) and whose roots are in tmp_path."""
     record = tmp_path / "record"
     shutil.rmtree(record, ignore_errors=True)
     record.mkdir(parents=True)
@@ -245,13 +253,21 @@ def run_script(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.Comp
                     ATTN_ROOT=str(tmp_path / "attn_weights"), OUTPUT_ROOT=str(tmp_path / "outputs"),
                     RESULTS_ROOT=str(tmp_path / "results"), GPUS="0", DECAF_PREFLIGHT="0")
     full_env.update(env)
-    result = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True, env=full_env,
-                            cwd=tmp_path, timeout=60)
+    return full_env
+
+
+def recorded_calls(tmp_path: Path) -> list[Call]:
     calls = []
-    for path in sorted(record.iterdir(), key=lambda p: int(p.name.split(".")[0])):
+    for path in sorted((tmp_path / "record").iterdir(), key=lambda p: int(p.name.split(".")[0])):
         fields = path.read_bytes().decode().split("\0")[:-1]
         calls.append(Call(fields[0], fields[1:]))
-    return result, calls
+    return calls
+
+
+def run_script(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.CompletedProcess, list[Call]]:
+    result = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True,
+                            env=stub_environment(tmp_path, **env), cwd=tmp_path, timeout=60)
+    return result, recorded_calls(tmp_path)
 
 
 def test_missing_data_root_or_checkpoint_is_one_line_before_any_shard(tmp_path):
@@ -288,6 +304,64 @@ def test_gpu_list_fans_out_one_shard_per_entry(tmp_path):
     assert "--subset_idx 0" in result.stdout and "--subset_idx 1" in result.stdout  # commands are printed
     logs = sorted(p.name for p in (tmp_path / "outputs/qwen2-5-vl-7b-rvos/F16_L14--1/logs").iterdir())
     assert logs == ["davis_valid_attn-map_shard0-of-2.log", "davis_valid_attn-map_shard1-of-2.log"]
+
+
+def test_user_lines_take_their_values_from_the_environment(tmp_path):
+    result, calls = run_script(tmp_path, "run_qwen2.5-vl-7b_F16_davis.sh", STAGES="attn", GPUS="", GPU_LIST="0 1 2",
+                               ATTN_MAX_BATCH="auto", VERSION="my/qwen")
+    assert result.returncode == 0, result.stderr
+    assert sorted(call.flag("--subset_idx") for call in calls) == ["0", "1", "2"]
+    for call in calls:
+        assert call.flag("--subset_num") == "3" and call.flag("--version") == "my/qwen"
+        # the chunk size sits right after the family flags, where the reference's ATTN_MS_CFG put it
+        position = call.argv.index("--attn_max_batch")
+        assert call.argv[position - 4:position + 2] == [*QWEN_FLAGS, "--attn_max_batch", "auto"]
+    result, calls = run_script(tmp_path, "run_qwen2.5-vl-7b_F16_davis.sh", STAGES="attn", GPUS="5",
+                               GPU_LIST="0 1 2")
+    assert [call.flag("--subset_num") for call in calls] == ["1"]  # GPUS wins, as it always did
+
+
+def test_the_runner_runs_from_python_with_explicit_values(tmp_path, monkeypatch, capfd):
+    env = stub_environment(tmp_path)
+    for name in LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STUB_RECORD", env["STUB_RECORD"])
+    settings = run_pipeline.ScriptSettings(
+        model_name="m", version="ckpts/x", family_script="evaluation/inference_attn_map_llavaov.py",
+        dataset="reasonvos", steps=("attn", "keypoints", "keypoint_eval"), gpu_list=("0", "1"), start_layer="7",
+        attn_max_batch="2", keypoint_offset="14")
+    run_env = run_pipeline.RunEnvironment(python=env["PYTHON"], stages="infer", attn_root=str(tmp_path / "attn"),
+                                          output_root=str(tmp_path / "outputs"), preflight=False)
+    assert run_pipeline.run(settings, run_env) == 0
+    attn0, attn1, keypoints0, keypoints1 = sorted(recorded_calls(tmp_path),
+                                                  key=lambda call: (call.script, call.flag("--subset_idx")))
+    assert attn0.script == "evaluation/inference_attn_map_llavaov.py" and attn0.flag("--attn_max_batch") == "2"
+    assert keypoints1.flag("--attn_save_path") == str(tmp_path / "attn/m/F16_L7--1/reasonvos_valid")
+    assert keypoints0.flag("--vis_save_path") == str(tmp_path / "outputs/m/F16_L7--1/inf-uniform-F16-keypoint/"
+                                                                 "reasonvos_valid")
+    out = capfd.readouterr().out
+    assert "+ " + shlex.join([env["PYTHON"], *attn1.argv]) + " > " in out  # every command is printed exactly
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_runner_stops_every_shard(tmp_path, signal_number):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    process = subprocess.Popen(["bash", str(SCRIPTS / "run_qwen2.5-vl-7b_F16_davis.sh")], cwd=tmp_path,
+                               env=stub_environment(tmp_path, STAGES="attn", GPUS="0 1", STUB_SLEEP="60",
+                                                    STUB_PIDS=str(pids)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shards = [int(path.name) for path in pids.iterdir()]
+    assert len(shards) == 2
+    process.send_signal(signal_number)  # the script exec'd the runner: this is the runner's pid
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "interrupted" in stderr
+    for pid in shards:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_cuda_shards_get_their_own_gpu(tmp_path):
