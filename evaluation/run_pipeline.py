@@ -102,7 +102,7 @@ class ScriptSettings:
     extra_mask_args: str = ""  # EXTRA_MASK_ARGS, extra stage-2 and keypoint flags (ablations)
     run_suffix: str = ""  # RUN_SUFFIX, appended to the run folder (ablations whose flags name no folder)
     keypoint_offset: str = ""  # KEYPOINT_OFFSET, --offset of the keypoint evaluator (empty: its default)
-    script: str = "evaluation/run_pipeline.py"  # how hints name this run ("STAGES=eval bash <script>")
+    script: str = ""  # the run script, named in hints ("STAGES=eval bash <script>"); empty: none
 
 
 @dataclass(frozen=True)
@@ -482,9 +482,11 @@ class Pipeline:
         if self.launcher is None:
             return True
         name, rank = self.launcher.name, self.launcher.rank
-        if any(step in INFER_STEPS for step in self.selected):
+        if any(selected in INFER_STEPS for selected in self.selected):
+            again = f"STAGES=eval bash {self.settings.script}" if self.settings.script else \
+                "the same command with STAGES=eval"
             say(f"{name} rank {rank}: step '{step}' skipped (other ranks may still be running); once every rank "
-                f"has finished, run: STAGES=eval bash {self.settings.script}")
+                f"has finished, run: {again}")
             return False
         if rank != 0:
             say(f"{name} rank {rank}: step '{step}' runs on rank 0 only")
@@ -572,8 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run the steps of one DecAF run script (SPEC §13.4): build the stage commands, shard them over\n"
                     "the GPU list, evaluate. The generated scripts in evaluation/scripts pass these flags.",
-        epilog=__doc__[__doc__.index("The environment selects"):], formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False)
+        epilog=__doc__[__doc__.index("The environment selects"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     defaults = ScriptSettings("", "", "", "", ())
     parser.add_argument("--model_name", required=True, help="MODEL_NAME: path component of caches and outputs")
     parser.add_argument("--version", required=True, help="VERSION: MLLM checkpoint folder")

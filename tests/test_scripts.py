@@ -48,8 +48,8 @@ SPEC_MATRIX = {
 }
 DATASETS = ("davis", "revos", "reasonvos")
 REQUIRED = ("MODEL_NAME", "VERSION", "FAMILY_SCRIPT", "DATASET", "TESTSET", "NUM_FRAMES", "START_LAYER", "END_LAYER",
-            "ATTN_MS_CFG", "ATTN_MAX_BATCH", "GPU_LIST", "POINT_THRESHOLD", "FINAL_SCORE_THRESHOLD", "EXTRA_ATTN_ARGS",
-            "EXTRA_MASK_ARGS", "STEPS")
+            "ATTN_MS_CFG", "ATTN_MAX_BATCH", "GPU_LIST", "POINT_THRESHOLD", "FINAL_SCORE_THRESHOLD",
+            "EXTRA_ATTN_ARGS", "EXTRA_MASK_ARGS", "STEPS")
 # environment a surrounding launcher or shell could leak into the scripts
 LEAKY_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
              "CUDA_VISIBLE_DEVICES", "GPUS", "STAGES", "VERSION", "NUM_FRAMES", "DATA_ROOT", "DECAF_DATA_ROOT",
@@ -512,7 +512,7 @@ def test_ablations_write_folders_of_their_own(tmp_path, script, cache_run, sam_k
         assert all(flag in call.argv for flag in flags)
 
 
-# ------------------------------------------------------------------- the runner's folders against the stages' defaults
+# ----------------------------------------------------------------- the runner's folders against the stages' defaults
 def runner_folders(stage1: list[str], stage2: list[str]) -> run_pipeline.Folders:
     return run_pipeline.folders(run_pipeline.parse_stage_args(stage1), run_pipeline.parse_stage_args(stage2),
                                 run_pipeline.RunEnvironment())
