@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from collections import defaultdict
 import json
 import statistics
 import sys
@@ -172,6 +173,80 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class TimeSplit:
+    """Where one run's time goes: vision tower, LLM prefills of shared prefixes, other LLM prefills (the suffixes
+    on the shared path, whole calls on the unshared one; both include capture and the streamed rollout, which run
+    inside the captured layers), single-token decoding steps, the maps taken from the rollouts, and the rest
+    (building inputs on the CPU, tokenising, cache copies). Forward hooks and wrappers synchronise the device at
+    each boundary, so this runs once, apart from the timed repeats."""
+
+    def __init__(self, pipeline: PromptingPipeline):
+        self.pipeline, self.device = pipeline, pipeline.adapter.device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._handles: list[Any] = []
+        self._in_prefix = False
+        self._clock: dict[str, float] = {}
+
+    def _sync(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def _hook(self, module: torch.nn.Module, kind: Callable[[tuple, dict], str]) -> None:
+        def before(_module, args, kwargs):
+            self._clock[id(_module)] = self._sync()
+
+        def after(_module, args, kwargs, _output):
+            self.seconds[kind(args, kwargs)] += self._sync() - self._clock.pop(id(_module))
+
+        self._handles += [module.register_forward_pre_hook(before, with_kwargs=True),
+                          module.register_forward_hook(after, with_kwargs=True)]
+
+    def _llm_kind(self, args: tuple, kwargs: dict) -> str:
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        length = (embeds if embeds is not None else ids).shape[1]
+        if self._in_prefix:
+            return "prefix prefills"
+        return "decoding steps" if length == 1 else "other prefills"
+
+    def __enter__(self) -> "TimeSplit":
+        model = self.pipeline.adapter.model
+        vision = next(m for name, m in model.named_modules()
+                      if name.split(".")[-1] in ("visual", "vision_tower", "vision_model"))
+        llm = next(m for name, m in model.named_modules() if name.split(".")[-1] == "language_model")
+        self._hook(vision, lambda args, kwargs: "vision tower")
+        self._hook(llm, self._llm_kind)
+        pipeline = self.pipeline
+        new_prefix, maps = pipeline._new_prefix, pipeline._maps
+
+        def timed_prefix(*args, **kwargs):
+            self._in_prefix = True
+            try:
+                return new_prefix(*args, **kwargs)
+            finally:
+                self._in_prefix = False
+
+        def timed_maps(*args, **kwargs):
+            start = self._sync()
+            try:
+                return maps(*args, **kwargs)
+            finally:
+                self.seconds["maps from rollouts"] += self._sync() - start
+
+        pipeline._new_prefix, pipeline._maps = timed_prefix, timed_maps
+        self._start = self._sync()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        total = self._sync() - self._start
+        for handle in self._handles:
+            handle.remove()
+        del self.pipeline._new_prefix, self.pipeline._maps  # the class's methods again
+        # the vision tower and the language model are sibling modules: the parts do not overlap
+        self.seconds["rest (inputs on the CPU, tokenising, cache copies)"] = total - sum(self.seconds.values())
+        self.seconds["total"] = total
+
+
 def per_video(args: argparse.Namespace) -> dict[str, Any]:
     """Per-expression stage-1 time with and without per-video prefix sharing (SPEC §5.8f)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,12 +293,22 @@ def per_video(args: argparse.Namespace) -> dict[str, Any]:
                     if device.type == "cuda":
                         peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**30)
                 stats = dict(pipeline.prefix_stats)
+                split = None
+                if args.time_split:
+                    with TimeSplit(pipeline) as timer:
+                        if shared:
+                            pipeline.run_video(frames, timed)
+                        else:
+                            for expression in timed:
+                                pipeline.run(frames, expression)
+                    split = {k: v / len(timed) for k, v in timer.seconds.items()}
                 pipeline.capture.detach()
                 row = {"answer_tokens": tokens, "expressions": count, "path": "shared" if shared else "unshared",
                        "timed_expressions": len(timed), "seconds_per_expression": statistics.median(per_expression),
                        "min": min(per_expression), "max": max(per_expression), "peak_extra_gib": peak,
                        "prefix_prefills_per_repeat": stats["prefixes"] // args.repeats,
-                       "continued_calls_per_repeat": stats["continued"] // args.repeats}
+                       "continued_calls_per_repeat": stats["continued"] // args.repeats,
+                       "time_split_seconds_per_expression": split}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{args.family}{' (tiny, CPU smoke check)' if args.tiny else ''} on {results['device']}, "
@@ -239,6 +324,11 @@ def per_video(args: argparse.Namespace) -> dict[str, Any]:
             speedup = a["seconds_per_expression"] / b["seconds_per_expression"]
             print(f"| {tokens} | {count} | {a['seconds_per_expression']:.3f} | {b['seconds_per_expression']:.3f} "
                   f"({b['min']:.3f}–{b['max']:.3f}) | {speedup:.2f}× | {peak} |")
+    for row in results["rows"]:
+        if row["time_split_seconds_per_expression"]:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in row["time_split_seconds_per_expression"].items())
+            print(f"time split, s per expression ({row['answer_tokens']} tokens, {row['expressions']} expressions, "
+                  f"{row['path']}): {parts}")
     return results
 
 
@@ -268,6 +358,10 @@ def main() -> None:
     parser.add_argument("--unshared_expressions", type=int, default=2,
                         help="--per_video: expressions timed on the unshared path (its cost per expression does "
                              "not depend on the count)")
+    parser.add_argument("--time_split", action="store_true",
+                        help="--per_video: one more run per cell with the time split into vision tower, prefix "
+                             "prefills, other prefills, decoding steps, maps and the rest (synchronising, so apart "
+                             "from the timed repeats)")
     parser.add_argument("--tiny", action="store_true",
                         help="--per_video on the family's tiny checkpoint on the CPU: a smoke check of the script")
     args = parser.parse_args()

@@ -104,6 +104,7 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter]) -> in
         record.warn(f"{len(empty)} expression(s) are empty or whitespace only (first: {empty[0]}); they run as in "
                     "the paper, with '.' appended (SPEC §2.1), and are listed in the manifest")
     scan.report(record)
+    peak_prefix_gib = 0.0
     if adapter is not None and not record.stopped:
         settings = PipelineSettings(
             layer_start=start, layer_end=end, obj_version=args.prompt_obj_ver, bg_version=args.prompt_bg_ver,
@@ -118,6 +119,7 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter]) -> in
             for video_jobs in scan.by_video():
                 if record.stopped:
                     break
+                memory = VideoMemory(device)
                 # the video's visual prefixes are computed by its first pending job and freed after its last
                 with pipeline.video_session():
                     for job, outputs in video_jobs:
@@ -126,10 +128,32 @@ def run_stage1(args: argparse.Namespace, adapter_class: type[MLLMAdapter]) -> in
                         runner.run(job, outputs, lambda todo, job=job: run_job(
                             pipeline, job, todo[ATTN_MAP], checkpoint=args.version,
                             num_input_frames=args.num_input_frames, num_layers=num_layers), record)
+                peak_prefix_gib = max(peak_prefix_gib, memory.report(video_jobs[0][0], len(video_jobs), pipeline))
 
     return record.close([folder], ATTN_MAP, args, resolved={
         "family": family, "layer_start": start, "layer_end": end, "device": device, "attn_implementation": attn_impl,
-        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder)}, empty_expressions=empty)
+        "subset_num": subset_num, "subset_idx": subset_idx, "cache_folder": str(folder),
+        "peak_prefix_gib_per_video": round(peak_prefix_gib, 3)}, empty_expressions=empty)
+
+
+class VideoMemory:
+    """What one video's per-video work costs in memory (SPEC §5.8f): the most its shared prefixes held at once,
+    and on CUDA the peak allocation while it ran. Logged once per video, so a user sees what bounds
+    ``--attn_max_batch`` and the prefix cache before a run grows to a long video."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def report(self, job: Job, jobs: int, pipeline: PromptingPipeline) -> float:
+        """Log the video's memory; return what its prefixes held, in GiB."""
+        held = pipeline.session_peak_bytes
+        peak = f", peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB allocated" if self.cuda else ""
+        log.info("video %s: %d job(s), shared prefixes held %.2f MiB at most%s", job.video_key, jobs, held / 2**20,
+                 peak)
+        return held / 2**30
 
 
 def run_job(pipeline: PromptingPipeline, job: Job, path: Path, *, checkpoint: str, num_input_frames: int,

@@ -7,6 +7,7 @@ oracle within T1, and the same greedy answers — chunked and unchunked frame pa
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,8 @@ def test_positions_continue_after_the_prefix(frames3, tmp_path):
             pipeline._pass("video", frames[:2], "the bed.", lambda: adapter.video_batch(frames[:2], "the bed."),
                            decode=False)
             assert pipeline.prefix_stats["prefixes"] == 2  # other frames: a prefix of their own
+            # both prefixes are held until the session ends: KV cache, recorded queries and inputs
+            assert pipeline.session_peak_bytes == sum(e.nbytes for e in pipeline._prefixes.values()) > 0
     finally:
         pipeline.capture.detach()
 
@@ -158,8 +161,12 @@ def test_stage1_script_shares_per_video_and_matches_no_prefix_cache(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stderr
 
-    run("shared")
-    run("unshared", "--no_prefix_cache")
+    log = run("shared")
+    # one memory line per video: what its shared prefixes held (the reference path holds none)
+    held = [float(m) for m in re.findall(r"video (?:bedroom|room): \d job\(s\), shared prefixes held ([\d.]+) MiB",
+                                         log)]
+    assert len(held) == 2 and all(value > 0 for value in held)
+    assert "shared prefixes held 0.00 MiB" in run("unshared", "--no_prefix_cache")
     names = sorted(p.name for p in folders["shared"].glob("*.safetensors"))
     assert names == ["bedroom_0.safetensors", "bedroom_1.safetensors", "bedroom_2.safetensors",
                      "room_0.safetensors"]

@@ -83,6 +83,14 @@ class _Prefix:
     cache: Any = None  # the LLM's KV cache after the prefix
     queries: list[torch.Tensor] = field(default_factory=list)  # post-RoPE q (B, H, P, d) per captured layer
 
+    @property
+    def nbytes(self) -> int:
+        """Device memory this prefix holds: its KV cache, recorded queries and inputs."""
+        tensors = [self.ids, self.visual, self.embeds, self.positions, *self.queries]
+        for layer in getattr(self.cache, "layers", ()):
+            tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
@@ -141,6 +149,8 @@ class PromptingPipeline:
         self._probe_ids: dict[str, list[list[int]]] = {}
         #: prefix prefills and continued passes since the pipeline was made (what the tests and benchmark read)
         self.prefix_stats = {"prefixes": 0, "continued": 0, "unshared": 0}
+        #: most bytes the prefixes of the current (or last) video session held at once: what sharing costs a video
+        self.session_peak_bytes = 0
 
     def pass_count(self, num_frames: int) -> int | None:
         """MLLM forward/generate calls of one expression on ``num_frames`` frames (SPEC §1.2); None when
@@ -208,6 +218,7 @@ class PromptingPipeline:
             yield
             return
         self._prefixes = {}
+        self.session_peak_bytes = 0
         try:
             yield
         finally:
@@ -320,6 +331,8 @@ class PromptingPipeline:
         if key not in self._prefixes:
             batch = build()
             self._prefixes[key] = self._new_prefix(batch, text_prefix, suffix)
+            held = sum(entry.nbytes for entry in self._prefixes.values() if entry is not None)
+            self.session_peak_bytes = max(self.session_peak_bytes, held)
             if self._prefixes[key] is None:
                 log.info("a %s input cannot share its prefix (SPEC §5.8f); its calls run unshared", kind)
         entry = self._prefixes[key]
