@@ -293,6 +293,20 @@ class Segmenter:
         """MLLM forward/generate calls of one expression (SPEC §1.2), for the progress bar."""
         return self.pipeline.pass_count(num_frames)
 
+    @contextlib.contextmanager
+    def video_session(self) -> Iterator[Segmenter]:
+        """Several expressions of one video: inside the block, :meth:`segment` calls share each visual input's MLLM
+        prefix (vision tower and visual tokens prefilled once, SPEC §5.8f), so the second and later expressions
+        of a video prefill only their own text. The maps equal those of separate calls (within T1, tests) and
+        the answers are the same. The prefixes stay on the device until the block ends (stage 1 logs what they
+        hold per video); the SAM2 features of the last video are kept in any case.
+
+            with Segmenter(version, sam2_checkpoint) as segmenter, segmenter.video_session():
+                results = [segmenter.segment(video, exp) for exp in expressions]
+        """
+        with self.pipeline.video_session():
+            yield self
+
     # ----- one expression ------------------------------------------------------------------------------------
     def segment(self, video: str | os.PathLike | VideoSource, expression: str) -> SegmentResult:
         """Segment ``expression`` in ``video`` (a frame folder, a video file or an opened :class:`VideoSource`).

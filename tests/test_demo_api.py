@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -277,3 +278,21 @@ def test_bad_frames_are_found_before_any_model_loads(tmp_path, ckpts, clip, monk
         segment(mixed, "the bed", **common, **TINY)
     with pytest.raises(DecafError, match="the expression is empty"):
         segment(clip, "  \n", **common, **TINY)
+
+
+def test_a_video_session_shares_the_prefixes_and_changes_nothing(ckpts, clip):
+    """Segmenter.video_session (SPEC §5.8f): the second expression of a video prefills only its own text; maps
+    within T1 of separate calls, the same answers and masks."""
+    expressions = ["the bed", "is it a lamp?", "the window on the left"]
+    with Segmenter(ckpts["version"], ckpts["sam2"], ckpts["config"], settings=SegmentSettings(**TINY),
+                   device="cpu", precision="fp32", sam2_overrides=ckpts["overrides"]) as segmenter:
+        separate = [segmenter.segment(clip, exp) for exp in expressions]
+        assert segmenter.pipeline.prefix_stats["continued"] == 0
+        with segmenter.video_session():
+            shared = [segmenter.segment(clip, exp) for exp in expressions]
+        stats = dict(segmenter.pipeline.prefix_stats)
+    assert stats["prefixes"] > 0 and stats["continued"] > stats["prefixes"]
+    for a, b in zip(separate, shared):
+        assert torch.allclose(a.phi, b.phi, rtol=0, atol=1e-5)  # T1 (SPEC §0.5)
+        assert a.texts == b.texts
+        assert np.array_equal(a.masks, b.masks)
