@@ -55,9 +55,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from model.jobs.benchmarks import DEFAULT_DATA_ROOT, shard_from_env
 from model.parsers import JOB_FLAGS, RUN_FOLDER_FLAGS
-from model.settings import add_settings, model_name_of
-from model.jobs.benchmarks import shard_from_env
+from model.sam import DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
+from model.settings import SCRIPT_ATTN_MAX_BATCH, add_settings, default_of, model_name_of
 from model.utils.errors import EXIT_JOBS_FAILED, DecafError, run_cli
 from model.utils.paths import cache_folder, data_name, output_kind, run_folder
 
@@ -90,13 +91,13 @@ class ScriptSettings:
     steps: tuple[str, ...]  # STEPS, the steps this script has
     gpu_list: tuple[str, ...] = ("0",)  # GPU_LIST, one shard per entry
     testset: bool = False  # TESTSET=1: MeViS 'valid' (server) instead of valid_u
-    num_frames: str = "16"  # NUM_FRAMES, N
-    start_layer: str = "auto"  # START_LAYER, an integer or auto (half the LLM depth)
-    end_layer: str = "-1"  # END_LAYER
+    num_frames: str = str(default_of("num_input_frames"))  # NUM_FRAMES, N
+    start_layer: str = str(default_of("attn_layer_idx_start"))  # START_LAYER, an integer or auto (half the depth)
+    end_layer: str = str(default_of("attn_layer_idx_end"))  # END_LAYER
     attn_ms_cfg: str = ""  # ATTN_MS_CFG, the stage-1 family flags that change the maps (resolution)
-    attn_max_batch: str = "4"  # ATTN_MAX_BATCH, stage-1 chunk size: memory only, never results (§5.6)
-    point_threshold: str = "0.80"  # POINT_THRESHOLD, τ_pq of the SAM step
-    final_score_threshold: str = "0.80"  # FINAL_SCORE_THRESHOLD, τ_trk of the SAM step
+    attn_max_batch: str = str(SCRIPT_ATTN_MAX_BATCH)  # ATTN_MAX_BATCH, stage-1 chunk size: memory only, never results (§5.6)
+    point_threshold: str = f"{default_of('point_threshold'):.2f}"  # POINT_THRESHOLD, τ_pq of the SAM step
+    final_score_threshold: str = f"{default_of('final_score_threshold'):.2f}"  # FINAL_SCORE_THRESHOLD, τ_trk
     threshold_grid: tuple[str, ...] = ()  # THRESHOLD_GRID: the SAM step once per (τ_trk, τ_pq) pair (§13.5)
     extra_attn_args: str = ""  # EXTRA_ATTN_ARGS, extra stage-1 flags (ablations)
     extra_mask_args: str = ""  # EXTRA_MASK_ARGS, extra stage-2 and keypoint flags (ablations)
@@ -113,12 +114,12 @@ class RunEnvironment:
     python: str = "python"
     device: str = "cpu"
     gpus: tuple[str, ...] = ()  # empty: use the script's GPU list
-    data_root: str = "datasets/RVOSJoint"
+    data_root: str = DEFAULT_DATA_ROOT
     attn_root: str = "attn_weights"
     output_root: str = "outputs"
     results_root: str = "results"
-    sam2_ckpt: str = "ckpts/sam2-hiera-large/sam2_hiera_large.pt"
-    sam2_cfg: str = "sam2_hiera_l.yaml"
+    sam2_ckpt: str = DEFAULT_SAM2_CHECKPOINT
+    sam2_cfg: str = DEFAULT_SAM2_CONFIG
     sam2_overrides: tuple[str, ...] = ()
     user_attn_args: tuple[str, ...] = ()
     user_mask_args: tuple[str, ...] = ()
