@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from model.adapters import FAMILIES
 from model.adapters.options import AdapterOptions
+from model.attention import DEFAULT_ATTN_MAX_BATCH, DEFAULT_ROLLOUT_IMPL
 from model.attention.prompts import MAX_NEW_TOKENS, PROMPT_VERSIONS, check_version
 from model.sam import DEFAULT_SAM2_BATCH, DEFAULT_SAM2_CHECKPOINT, DEFAULT_SAM2_CONFIG
 from model.selftest.tiny.preset import DEFAULT_TINY_CKPTS, DISCLAIMER, TINY_PRECISION, TINY_SETTINGS
@@ -29,7 +30,7 @@ from model.utils.paths import DEFAULT_THRESHOLD, FUSION_MODES
 DEFAULT_MLLM = "ckpts/Qwen2.5-VL-7B-Instruct"
 DATASET_CHOICES = ("davis", "ytvos", "mevis", "revos", "reasonvos")
 #: --attn_max_batch of the benchmark scripts (SPEC §13.4) and of a live run (demo, API: one video, more memory free)
-SCRIPT_ATTN_MAX_BATCH, LIVE_ATTN_MAX_BATCH = 4, 8
+SCRIPT_ATTN_MAX_BATCH, LIVE_ATTN_MAX_BATCH = DEFAULT_ATTN_MAX_BATCH, 8
 
 # ------------------------------------------------------------------------------------------------ value types
 def layer_start_arg(value: str) -> int | str:
@@ -187,7 +188,7 @@ _SETTINGS = (
     Setting("max_new_tokens", "capture", f"greedy decoding length of the answers (SPEC §4.7: {MAX_NEW_TOKENS}); "
             "lower it only for smoke tests of random-weight models, it can change obj_name", MAX_NEW_TOKENS, int),
     Setting("rollout_impl", "capture", "'streamed' row-vector rollout (O(L·d) memory, SPEC §5.8a) or the "
-            "paper-literal L×L oracle (for tests and small inputs)", "streamed", choices=("streamed", "literal")),
+            "paper-literal L×L oracle (for tests and small inputs)", DEFAULT_ROLLOUT_IMPL, choices=("streamed", "literal")),
     Setting("rollout_dtype", "capture", "precision of the captured attention and rollout; fp32 reproduces the "
             "paper, bf16 is an opt-in extension (SPEC §5.5)", "fp32", choices=("fp32", "bf16")),
     Setting("no_prefix_cache", "capture", "compute every call of every expression from scratch instead of "

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from model.adapters.base import MLLMAdapter, VisualBatch
-from model.attention import prompts
+from model.attention import DEFAULT_ATTN_MAX_BATCH, DEFAULT_ROLLOUT_IMPL, prompts
 from model.attention.capture import AttentionCapture, PrefixedQueries, QueryRecorder
 from model.attention.rollout import make_rollout
 
@@ -49,8 +49,8 @@ class PipelineSettings:
     obj_version: int = 0
     bg_version: int = 0
     choice_version: int = 0
-    attn_max_batch: int | str = 4  # an int, or "auto": start at T and halve on CUDA out-of-memory
-    rollout_impl: str = "streamed"
+    attn_max_batch: int | str = DEFAULT_ATTN_MAX_BATCH  # an int, or "auto": start at T and halve on CUDA out-of-memory
+    rollout_impl: str = DEFAULT_ROLLOUT_IMPL
     rollout_dtype: torch.dtype = torch.float32
     no_background: bool = False
     save_bg_captions: bool = False
