@@ -41,6 +41,7 @@ from model.adapters.base import AdapterOptions
 from model.attention.capture import Tee
 from model.attention.pipeline import PipelineSettings, PromptingPipeline
 from model.attention.rollout import make_rollout
+from model.utils.atomic import atomic_write_json, library_versions
 
 #: the repository's 40 test frames; docs/benchmarks.md's numbers used the first frames of the full clip (--frames_dir)
 BEDROOM = REPO / "tests" / "data" / "bedroom"
@@ -261,7 +262,7 @@ def per_video(args: argparse.Namespace) -> dict[str, Any]:
     frames = sample_frames(args.frames_dir, args.per_video_frames)
     results: dict[str, Any] = {"family": args.family, "tiny": args.tiny, "frames": len(frames), "layers": [start, end],
                                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                               "rows": []}
+                               "versions": library_versions(), "rows": []}
 
     def pipeline_of(tokens: int, shared: bool) -> PromptingPipeline:
         return PromptingPipeline(adapter, PipelineSettings(layer_start=start, layer_end=end, attn_max_batch=4,
@@ -311,6 +312,8 @@ def per_video(args: argparse.Namespace) -> dict[str, Any]:
                        "time_split_seconds_per_expression": split}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
+                if args.out:  # after every row: a run cut off by the device's time limit keeps what it measured
+                    atomic_write_json(args.out, results)
     print(f"\n{args.family}{' (tiny, CPU smoke check)' if args.tiny else ''} on {results['device']}, "
           f"{len(frames)} frames, capture [{start}, {end})")
     print("| answer tokens | expressions/video | unshared s/expr | shared s/expr (min–max) | speed-up | "
@@ -347,7 +350,8 @@ def main() -> None:
                         help="fixed answer length for the whole-expression timing (random weights never stop)")
     parser.add_argument("--frames_dir", type=Path, default=BEDROOM,
                         help="folder of JPEG frames (default: tests/data/bedroom, 40 frames)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the results as JSON here (--per_video: rewritten after every row)")
     parser.add_argument("--per_video", action="store_true",
                         help="time stage 1 per expression, shared per-video prefixes vs unshared (SPEC §5.8f)")
     parser.add_argument("--expressions", type=int, nargs="+", default=[1, 5, 16],
@@ -367,9 +371,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.per_video:
-        results = per_video(args)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+        per_video(args)
         return
 
     results: dict[str, Any] = {"family": args.family, "device": torch.cuda.get_device_name(),
