@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in two worker processes (pyproject's addopts) on CI's two cores: one torch thread each, set
+    # before any test module imports torch, instead of two per worker contending for the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 #: the test data lives in the repository, so a fresh clone tests with nothing beside it
 DATA = REPO / "tests" / "data"
