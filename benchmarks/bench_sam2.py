@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 import model.sam.predictor as sam2_predictor  # noqa: E402
 from model.sam.prompting import FeatureCache, load_sam2_predictor, sam2_extension_loaded, sam2_masks
 from model.selftest.tiny.sam2 import build_tiny_sam2_checkpoint
+from model.utils.atomic import atomic_write_json
 from model.utils.video import sample_indices
 
 #: the repository's 40 test frames; docs/benchmarks.md's numbers used the first frames of the full clip (--frames_dir)
@@ -256,7 +257,7 @@ def main() -> None:
             print(f"| {mode} | " + " | ".join(f"{entry['time_shares'].get(category, 0.0):.0%}"
                                               for category in categories) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

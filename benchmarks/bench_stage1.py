@@ -439,7 +439,7 @@ def main() -> None:
 
     print_table(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_json(args.out, results)
 
 
 def print_table(results: dict[str, Any]) -> None:
